@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as ``mtl_optim.kernels`` (filled by the kernel work)."""

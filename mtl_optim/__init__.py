@@ -1,0 +1,12 @@
+"""mtl_optim: drop-in PyTorch optimizers for multi-task learning.
+
+``MTLOptimizer`` wraps any torch optimizer and drives it with a gradient aggregator and/or a
+loss weighting; ``AdaTask`` keeps task-wise adaptive state. See ``shared/API.md``.
+"""
+
+from . import aggregators, diagnostics, weighting
+from .adatask import AdaTask
+from .optimizer import MTLOptimizer, NonFiniteError
+
+__all__ = ["AdaTask", "MTLOptimizer", "NonFiniteError", "aggregators", "diagnostics", "weighting"]
+__version__ = "0.1.0.dev0"

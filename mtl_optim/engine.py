@@ -1,0 +1,275 @@
+"""The per-task gradient engine: the one place where mtl_optim differentiates per task.
+
+Every method in the package receives what this module produces and never calls autograd itself:
+
+* the shared parameters θ_s (detected from the autograd graph, or given by the user);
+* the per-task gradient matrix ``J ∈ R^{K×d}`` with rows ``g_i = ∇_{θ_s} L_i``, kept in one
+  contiguous buffer that is allocated once and reused (``J[:, a:b]`` is a view per parameter);
+* the Gramian ``J Jᵀ`` on request;
+* gradients at a shared representation ``z`` (``∇_z L_i``) when the user passes ``features=``.
+
+Distributed training reduces ``J`` (or ``z``-gradients) in :meth:`TaskGradients._reduce`, the only
+place where per-task gradients leave this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["GroupSlice", "TaskGradients", "as_losses", "reachable_params"]
+
+
+@dataclass(frozen=True)
+class GroupSlice:
+    """The shared parameters of one param group and their columns ``[start, stop)`` of ``J``."""
+
+    group: int
+    start: int
+    stop: int
+    params: tuple[Tensor, ...]
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of a ``(stop - start,)`` vector (or ``(K, n)`` matrix) shaped like each param."""
+        lead = flat.shape[:-1]
+        chunks = flat.split([p.numel() for p in self.params], dim=-1)
+        return [c.view(*lead, *p.shape) for c, p in zip(chunks, self.params)]
+
+
+def as_losses(losses: Sequence[Tensor] | Tensor, num_tasks: int | None) -> list[Tensor]:
+    """Validate user losses: K scalar, floating, differentiable tensors (K fixed once known)."""
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            raise ValueError(
+                f"losses given as a tensor must be 1-D with one entry per task, got shape "
+                f"{tuple(losses.shape)}"
+            )
+        items = list(losses.unbind())
+    elif isinstance(losses, (str, bytes)) or not isinstance(losses, Iterable):
+        raise TypeError(
+            f"losses must be a sequence of scalar tensors or a 1-D tensor, got "
+            f"{type(losses).__name__}"
+        )
+    else:
+        items = list(losses)
+    if not items:
+        raise ValueError("losses is empty: pass one scalar loss per task")
+    for i, loss in enumerate(items):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss {i} is a {type(loss).__name__}, expected a scalar tensor")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss {i} is not a scalar: shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
+            )
+        if not loss.is_floating_point():
+            raise TypeError(f"loss {i} has dtype {loss.dtype}; losses must be floating point")
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss {i} does not require grad: was it computed under torch.no_grad() or "
+                "detached, or does it depend on no parameter?"
+            )
+    if num_tasks is not None and len(items) != num_tasks:
+        raise ValueError(
+            f"got {len(items)} losses but this optimizer was first called with {num_tasks}; "
+            "the number of tasks is fixed after the first backward"
+        )
+    return [loss.reshape(()) for loss in items]
+
+
+def reachable_params(loss: Tensor) -> set[int]:
+    """``id`` of every leaf tensor that ``loss``'s autograd graph reaches."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor) -> None:
+    """Write per-parameter gradients into a ``(..., d)`` row block; ``None`` means zero."""
+    offset = 0
+    for g, p in zip(grads, params):
+        n = p.numel()
+        dst = out[..., offset : offset + n]
+        if g is None:
+            dst.zero_()
+        else:
+            dst.copy_(g.reshape(*out.shape[:-1], n))
+        offset += n
+
+
+class TaskGradients:
+    """Per-task gradients of the shared parameters, in one reusable ``(K, d)`` buffer.
+
+    ``strategy`` chooses how the K reverse passes run: ``"loop"`` calls
+    ``torch.autograd.grad`` once per task (``retain_graph`` on all but the last);
+    ``"batched"`` runs one vmapped backward with ``is_grads_batched=True``. ``benchmarks/
+    engine_strategies.py`` measures both; ``"loop"`` is the default because it was faster on
+    every model measured there and supports every autograd op (vmap does not).
+    """
+
+    STRATEGIES = ("loop", "batched")
+
+    def __init__(self, strategy: str = "loop") -> None:
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
+        self.num_tasks: int | None = None
+        self.shared: list[Tensor] | None = None
+        self.task_specific: list[Tensor] = []
+        self.slices: list[GroupSlice] = []
+        self.dtype: torch.dtype | None = None
+        self._jacobian: Tensor | None = None
+        self._fresh = True  # the next compute() overwrites instead of accumulating
+
+    # --- set-up -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.shared is not None
+
+    def setup(
+        self,
+        losses: Sequence[Tensor],
+        param_groups: Sequence[dict],
+        shared: Iterable[Tensor] | None,
+    ) -> None:
+        """Fix K and the shared parameters (from ``shared``, group flags, or the graph)."""
+        self.num_tasks = len(losses)
+        params = [p for g in param_groups for p in g["params"] if p.requires_grad]
+        explicit = shared is not None or any(g.get("shared", False) for g in param_groups)
+        if explicit:
+            chosen = {id(p) for p in shared or ()}
+            chosen |= {id(p) for g in param_groups if g.get("shared", False) for p in g["params"]}
+            unknown = chosen - {id(p) for p in params}
+            if unknown:
+                raise ValueError(
+                    f"{len(unknown)} tensor(s) passed as shared= are not trainable parameters "
+                    "of this optimizer"
+                )
+        else:
+            counts: dict[int, int] = {}
+            for loss in losses:
+                for pid in reachable_params(loss):
+                    counts[pid] = counts.get(pid, 0) + 1
+            chosen = {pid for pid, c in counts.items() if c >= 2}
+        self.set_shared(param_groups, chosen)
+
+    def set_shared(self, param_groups: Sequence[dict], shared_ids: set[int]) -> None:
+        """Order shared params by group so each group owns a contiguous column range of J."""
+        self.slices, self.shared, self.task_specific = [], [], []
+        offset = 0
+        for gi, group in enumerate(param_groups):
+            mine = tuple(p for p in group["params"] if id(p) in shared_ids and p.requires_grad)
+            self.task_specific += [
+                p for p in group["params"] if id(p) not in shared_ids and p.requires_grad
+            ]
+            if mine:
+                n = sum(p.numel() for p in mine)
+                self.slices.append(GroupSlice(gi, offset, offset + n, mine))
+                self.shared += mine
+                offset += n
+        dtypes = [p.dtype for p in self.shared] or [torch.get_default_dtype()]
+        dtype = torch.float32
+        for dt in dtypes:
+            dtype = torch.promote_types(dtype, dt)
+        self.dtype = dtype
+        self._jacobian = None
+
+    @property
+    def dim(self) -> int:
+        return self.slices[-1].stop if self.slices else 0
+
+    def shared_indices(self, param_groups: Sequence[dict]) -> list[int]:
+        """Positions of the shared params in the flat param order (for ``state_dict``)."""
+        index = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
+        return [index[id(p)] for p in self.shared or ()]
+
+    # --- per-task gradients -------------------------------------------------------------
+    @property
+    def jacobian(self) -> Tensor | None:
+        """The accumulated ``(K, d)`` per-task gradients since the last :meth:`reset`."""
+        return None if self._fresh else self._jacobian
+
+    def reset(self) -> None:
+        """Start a new accumulation window (after ``step`` or ``zero_grad``)."""
+        self._fresh = True
+
+    def compute(self, losses: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
+        """Add this batch's per-task gradients of the shared params to ``J`` and return it."""
+        assert self.shared is not None and self.num_tasks is not None
+        k, d = self.num_tasks, self.dim
+        device = self.shared[0].device if self.shared else losses[0].device
+        if self._jacobian is None or self._jacobian.device != device:
+            self._jacobian = torch.empty(k, d, dtype=self.dtype, device=device)
+        target = self._jacobian if self._fresh else torch.empty_like(self._jacobian)
+        if self.strategy == "batched":
+            self._batched(losses, target, retain_graph)
+        else:
+            self._loop(losses, target, retain_graph)
+        self._reduce(target)
+        if not self._fresh:
+            self._jacobian.add_(target)
+        self._fresh = False
+        return self._jacobian
+
+    def _loop(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
+        last = len(losses) - 1
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(
+                loss, self.shared, retain_graph=retain_graph or i < last, allow_unused=True
+            )
+            _flat_grads(grads, self.shared, out[i])
+
+    def _batched(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
+        stacked = torch.stack(list(losses))
+        eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+        grads = torch.autograd.grad(
+            stacked,
+            self.shared,
+            grad_outputs=eye,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        _flat_grads(grads, self.shared, out)
+
+    def _reduce(self, jacobian: Tensor) -> None:
+        """Combine per-task gradients across processes (identity in a single process)."""
+
+    def representation(
+        self, losses: Sequence[Tensor], features: Sequence[Tensor]
+    ) -> Tensor:
+        """``(K, n_z)`` gradients of each loss at the shared representation ``z``."""
+        n = sum(z.numel() for z in features)
+        dtype = torch.promote_types(features[0].dtype, torch.float32)
+        out = torch.empty(len(losses), n, dtype=dtype, device=features[0].device)
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
+            _flat_grads(grads, features, out[i])
+        self._reduce(out)
+        return out
+
+    @staticmethod
+    def gramian(jacobian: Tensor) -> Tensor:
+        """``M = J Jᵀ``, the K×K matrix of inner products of the per-task gradients."""
+        return jacobian @ jacobian.T
+
+    def write_grads(self, combined: Tensor, base: list[Tensor | None] | None) -> None:
+        """Set each shared param's ``.grad`` to ``base + combined`` (its slice of the d-vector)."""
+        assert self.shared is not None
+        views = [v for s in self.slices for v in s.split(combined[s.start : s.stop])]
+        for i, (p, v) in enumerate(zip(self.shared, views)):
+            extra = None if base is None else base[i]
+            g = v.to(p.dtype) if extra is None else extra + v.to(p.dtype)
+            p.grad = g if p.grad is None or p.grad.shape != g.shape else p.grad.copy_(g)

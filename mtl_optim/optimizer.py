@@ -1,0 +1,381 @@
+"""``MTLOptimizer``: any torch optimizer, driven by a multi-task gradient method."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .aggregators import Aggregator, RowWeighting
+from .engine import TaskGradients, as_losses, reachable_params
+from .weighting import Weighting
+
+__all__ = ["MTLOptimizer", "NonFiniteError"]
+
+
+class NonFiniteError(ValueError, FloatingPointError):
+    """A loss or gradient was NaN or infinite and ``nonfinite="raise"`` was chosen."""
+
+
+_DELEGATED = ("param_groups", "state", "defaults")
+
+
+def _delegate(name: str) -> property:
+    def get(self: MTLOptimizer) -> Any:
+        base = self.__dict__.get("_base")
+        return self.__dict__[f"_pre_{name}"] if base is None else getattr(base, name)
+
+    def set_(self: MTLOptimizer, value: Any) -> None:
+        base = self.__dict__.get("_base")
+        if base is None:
+            self.__dict__[f"_pre_{name}"] = value
+        else:
+            setattr(base, name, value)
+
+    return property(get, set_)
+
+
+class MTLOptimizer(Optimizer):
+    r"""Wrap any ``torch.optim.Optimizer`` so that it trains one model on K task losses.
+
+    ``opt.backward(losses)`` replaces ``sum(losses).backward()``:
+
+    * a ``weighting`` ``W`` first maps the losses to per-task objectives
+      :math:`o = W(L)` (default: :math:`o = L`);
+    * task-specific parameters receive :math:`\nabla \sum_i o_i` in one reverse pass;
+    * shared parameters receive the ``aggregator``'s combination
+      :math:`A(J)` of the per-task gradients :math:`J_{i\cdot} = \nabla_{\theta_s} o_i`.
+      Without an aggregator no per-task gradient is computed and the shared parameters get
+      :math:`\nabla_{\theta_s}\sum_i o_i` from the same single pass.
+
+    Then ``opt.step()`` lets ``base`` update every parameter. Per-task gradients accumulate over
+    several ``backward`` calls before a ``step`` and are combined on the accumulated matrix, so
+    a method that is nonlinear in :math:`J` sees the gradients of the whole accumulated batch.
+    Gradients already present on shared parameters when a window starts (e.g. from a
+    regulariser's own ``backward``) are kept and added to.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer. A group may carry
+            ``"shared": True`` to mark its parameters as shared.
+        base: the ``torch.optim.Optimizer`` subclass that performs the update.
+        aggregator: a :mod:`mtl_optim.aggregators` instance, or ``None``.
+        weighting: a :mod:`mtl_optim.weighting` instance, or ``None``.
+        shared: the shared parameters. ``None`` detects them at the first ``backward``: a
+            parameter that two or more losses reach in the autograd graph is shared.
+        nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
+            a loss or gradient is NaN/Inf, leaving parameters and all state untouched;
+            ``"raise"`` raises :class:`NonFiniteError` from ``backward``.
+        **base_kwargs: hyperparameters for ``base`` (``lr``, ``betas``, ...).
+    """
+
+    param_groups = _delegate("param_groups")
+    state = _delegate("state")
+    defaults = _delegate("defaults")
+
+    #: True for methods (AdaTask) that keep state per task and so always need ``J``.
+    _per_task_state = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base: type[Optimizer] = torch.optim.Adam,
+        *,
+        aggregator: Aggregator | None = None,
+        weighting: Weighting | None = None,
+        shared: Iterable[Tensor] | None = None,
+        nonfinite: str = "skip",
+        **base_kwargs: Any,
+    ) -> None:
+        if not (isinstance(base, type) and issubclass(base, Optimizer)):
+            raise TypeError(f"base must be a torch.optim.Optimizer subclass, got {base!r}")
+        if issubclass(base, MTLOptimizer):
+            raise TypeError("base must be a plain torch optimizer, not an MTLOptimizer")
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise TypeError(
+                f"aggregator must be an mtl_optim.aggregators instance, got {aggregator!r}"
+            )
+        if weighting is not None and not isinstance(weighting, Weighting):
+            raise TypeError(f"weighting must be an mtl_optim.weighting instance, got {weighting!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        super().__init__(params, {})
+        self._base = base(self.param_groups, **base_kwargs)
+        for group in self.param_groups:
+            self._check_group(group)
+        self.base_class = base
+        self.aggregator = aggregator
+        self.weighting = weighting
+        self.nonfinite = nonfinite
+        self._shared_arg = None if shared is None else list(shared)
+        self._engine = TaskGradients()
+        self._upstream: set[int] | None = None  # params above `features`, found on first use
+        self._external: list[Tensor | None] | None = None
+        self._skip = False
+        self.last_weights: Tensor | None = None
+
+    # --- torch.optim.Optimizer protocol ------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "_base" not in self.__dict__:  # during Optimizer.__init__: the base adds defaults
+            super().add_param_group(param_group)
+            return
+        if self._engine.ready and param_group.get("shared", False):
+            raise ValueError(
+                "shared parameters are fixed after the first backward; add shared groups "
+                "before training starts"
+            )
+        self._check_group(param_group)
+        self._base.add_param_group(param_group)
+        if self._engine.ready:
+            self._engine.task_specific += [p for p in param_group["params"] if p.requires_grad]
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Reject hyperparameters the method cannot honour (overridden by AdaTask)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self._engine.reset()
+        self._external = None
+        self._skip = False
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["mtl"] = {
+            "num_tasks": self._engine.num_tasks,
+            "shared": self._engine.shared_indices(self.param_groups)
+            if self._engine.ready
+            else None,
+            "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
+            "weighting": None if self.weighting is None else self.weighting.state_dict(),
+            **self._extra_state(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        mtl = state_dict.pop("mtl", None)
+        if mtl is None:
+            raise ValueError("not an MTLOptimizer state_dict: the 'mtl' entry is missing")
+        self._base.load_state_dict(state_dict)
+        if mtl["shared"] is not None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            self._engine.set_shared(self.param_groups, {id(flat[i]) for i in mtl["shared"]})
+            self._engine.num_tasks = mtl["num_tasks"]
+        if self.aggregator is not None and mtl["aggregator"] is not None:
+            self.aggregator.load_state_dict(mtl["aggregator"])
+        if self.weighting is not None and mtl["weighting"] is not None:
+            self.weighting.load_state_dict(mtl["weighting"])
+        self._load_extra_state(mtl)
+        self._new_window()
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, mtl: dict[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        parts = [f"base={self.base_class.__name__}"]
+        if self.aggregator is not None:
+            parts.append(f"aggregator={self.aggregator!r}")
+        if self.weighting is not None:
+            parts.append(f"weighting={self.weighting!r}")
+        return f"{type(self).__name__}({', '.join(parts)})\n{self._base!r}"
+
+    # --- public MTL API ----------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int | None:
+        return self._engine.num_tasks
+
+    @property
+    def shared_params(self) -> list[Tensor]:
+        """The shared parameters (empty until the first ``backward`` detects them)."""
+        return list(self._engine.shared or [])
+
+    def end_epoch(self) -> None:
+        """Tell epoch-based methods (IGB, DWA) that an epoch ended."""
+        if self.weighting is not None:
+            self.weighting.end_epoch()
+
+    def backward(
+        self, losses: Sequence[Tensor] | Tensor, *, features: Tensor | Sequence[Tensor] | None = None
+    ) -> None:
+        """Differentiate the K task losses as the method needs and fill every ``.grad``.
+
+        Args:
+            losses: K scalar tensors (a sequence or a 1-D tensor); K is fixed after the first
+                call.
+            features: the shared representation ``z`` (a tensor or tuple of tensors). Given,
+                the aggregator combines the per-task gradients at ``z`` (MGDA-UB style) and the
+                parameters above ``z`` receive the vector-Jacobian product of that combination.
+        """
+        losses = as_losses(losses, self._engine.num_tasks)
+        if self._skip:  # this window already saw a non-finite value; the step is skipped
+            return
+        values = torch.stack([loss.detach() for loss in losses])
+        if not self._finite([values], "loss"):
+            return
+        if not self._engine.ready:
+            self._engine.setup(losses, self.param_groups, self._shared_arg)
+        mix, heads_loss = self._objectives(losses, values)
+        if features is not None:
+            if self._per_task_state:
+                raise ValueError(f"{type(self).__name__} needs per-task gradients of the shared "
+                                 "parameters; features= is not supported")
+            self._backward_features(losses, mix, heads_loss, features)
+        elif self.aggregator is not None or self._per_task_state:
+            self._backward_jacobian(losses, mix, heads_loss)
+        else:
+            self._backward_sum(heads_loss)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
+        """Update the parameters with ``base`` (a no-op after a skipped non-finite batch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._skip:
+            self._update()
+        self._new_window()
+        return loss
+
+    # --- internals -------------------------------------------------------------------
+    def _update(self) -> None:
+        self._base.step()
+
+    def _objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:
+        r"""Apply the weighting by the chain rule.
+
+        Returns ``D = ∂o/∂L`` (``None`` without a weighting) and a scalar whose gradient is
+        :math:`\nabla \sum_i o_i` for every parameter, including the weighting's own.
+        The weighting runs on a detached leaf copy of the loss values, so the K per-task passes
+        stay on the raw losses and never traverse another task's head.
+        """
+        stacked = torch.stack(losses)
+        if self.weighting is None:
+            self.last_weights = None
+            return None, stacked.sum()
+        leaf = values.clone().requires_grad_(True)
+        with torch.enable_grad():
+            objectives = self.weighting(leaf)
+        if objectives.shape != leaf.shape:
+            raise ValueError(
+                f"{self.weighting!r} returned shape {tuple(objectives.shape)}, "
+                f"expected ({leaf.numel()},)"
+            )
+        rows = [
+            torch.autograd.grad(o, leaf, retain_graph=True, allow_unused=True)[0]
+            for o in objectives.unbind()
+        ]
+        mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
+        heads_loss = (mix.sum(0).detach() * stacked).sum()
+        if objectives.requires_grad:  # learnable weighting parameters (e.g. uncertainty)
+            heads_loss = heads_loss + objectives.sum() - objectives.sum().detach()
+        w = self.weighting.weights
+        self.last_weights = None if w is None else w.detach()
+        return mix.detach(), heads_loss
+
+    def _combine(self, jacobian: Tensor) -> Tensor:
+        """The aggregator's direction, recording its row weights where it has them."""
+        agg = self.aggregator
+        if agg is None:
+            return jacobian.sum(0)
+        if isinstance(agg, RowWeighting):
+            return self._row_weights(agg, jacobian) @ jacobian
+        self.last_weights = None
+        return agg(jacobian)
+
+    def _row_weights(self, agg: RowWeighting, jacobian: Tensor) -> Tensor:
+        """The aggregator's row weights, folded into ``last_weights`` (times the weighting's)."""
+        w = agg.weights(jacobian)
+        self.last_weights = w if self.last_weights is None else w * self.last_weights
+        return w
+
+    def _backward_sum(self, total: Tensor) -> None:
+        total.backward()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._finite([p.grad for p in params], "gradient")
+        if self.last_weights is None:
+            self.last_weights = torch.ones(self._engine.num_tasks, device=total.device)
+
+    def _backward_heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> bool:
+        if inputs:
+            torch.autograd.backward(heads_loss, inputs=inputs, retain_graph=True)
+        return self._finite([p.grad for p in inputs if p.grad is not None], "gradient")
+
+    def _backward_jacobian(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor):
+        if not self._backward_heads(heads_loss, self._engine.task_specific):
+            return
+        if self._external is None:  # first backward of this window
+            self._external = [
+                None if p.grad is None else p.grad.clone() for p in self._engine.shared
+            ]
+        jacobian = self._engine.compute(losses)
+        if not self._finite([jacobian], "gradient"):
+            return
+        if mix is not None:
+            jacobian = mix.to(jacobian.dtype) @ jacobian
+        self._engine.write_grads(self._shared_update(jacobian), self._external)
+
+    def _shared_update(self, jacobian: Tensor) -> Tensor:
+        """What the shared parameters' ``.grad`` holds after ``backward``."""
+        return self._combine(jacobian)
+
+    def _backward_features(
+        self,
+        losses: list[Tensor],
+        mix: Tensor | None,
+        heads_loss: Tensor,
+        features: Tensor | Sequence[Tensor],
+    ) -> None:
+        zs = [features] if isinstance(features, Tensor) else list(features)
+        if not zs or not all(isinstance(z, Tensor) and z.requires_grad for z in zs):
+            raise ValueError(
+                "features must be the shared representation: tensor(s) inside the autograd "
+                "graph between the shared trunk and the task heads"
+            )
+        if self._upstream is None:
+            self._upstream = set().union(*(reachable_params(z) for z in zs))
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        above = [p for p in params if id(p) in self._upstream]
+        if not self._backward_heads(heads_loss, [p for p in params if id(p) not in self._upstream]):
+            return
+        grads_z = self._engine.representation(losses, zs)
+        if not self._finite([grads_z], "gradient"):
+            return
+        if mix is not None:
+            grads_z = mix.to(grads_z.dtype) @ grads_z
+        combined = self._combine(grads_z)
+        sizes = [z.numel() for z in zs]
+        grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
+        torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
+        self._finite([p.grad for p in above if p.grad is not None], "gradient")
+
+    def _finite(self, tensors: list[Tensor], what: str) -> bool:
+        """One host sync: are all ``tensors`` finite? If not, skip or raise per ``nonfinite``."""
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        bad = 0.0
+        for (device, _), group in groups.items():
+            found = torch.zeros((), dtype=torch.float32, device=device)
+            # GradScaler's fused check; with a unit scale it leaves the tensors unchanged.
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, found, torch.ones((), dtype=torch.float32, device=device)
+            )
+            bad += found.item()
+        if bad == 0:
+            return True
+        message = f"non-finite {what} (NaN or Inf) in this batch"
+        if self.nonfinite == "raise":
+            raise NonFiniteError(message)
+        warnings.warn(f"{message}: the next step() is skipped", RuntimeWarning, stacklevel=4)
+        self._skip = True
+        return False

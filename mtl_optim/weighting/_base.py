@@ -1,0 +1,40 @@
+"""Base class of the loss weightings.
+
+A weighting maps the K task losses to the K per-task objectives that the engine
+differentiates, e.g. ``w_i * L_i``. It sees losses only, never gradients.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from torch import Tensor
+
+
+class Weighting(ABC):
+    """``W(losses) -> objectives``, both ``(K,)`` tensors; ``W.weights`` the last weights."""
+
+    weights: Tensor | None = None
+
+    def __call__(self, losses: Tensor) -> Tensor:
+        if losses.dim() != 1:
+            raise ValueError(f"expected a (K,) tensor of losses, got shape {tuple(losses.shape)}")
+        return self.forward(losses)
+
+    @abstractmethod
+    def forward(self, losses: Tensor) -> Tensor:
+        """The per-task objectives; must keep the autograd graph of ``losses``."""
+
+    def end_epoch(self) -> None:
+        """Called by ``MTLOptimizer.end_epoch()``; epoch-based weightings override it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
