@@ -1,1 +1,161 @@
-"""placeholder"""
+r"""Task dominance: which task drives each shared parameter's update (AdaTask paper's AU metric).
+
+For each shared coordinate and task ``i`` let :math:`\Delta_i` be the part of the step
+attributable to task ``i``, with :math:`\sum_i \Delta_i` the actual step. Then
+
+.. math::
+    AU_i \leftarrow \beta\, AU_i + (1-\beta)\, \Delta_i^2, \qquad
+    rAU_i = AU_i / \textstyle\sum_j AU_j,
+
+and a coordinate is *dominated* when some :math:`rAU_i` is close to 1. :math:`\Delta_i` is
+
+* for :class:`~mtl_optim.AdaTask`: task ``i``'s own adaptive step (exact);
+* for :class:`~mtl_optim.MTLOptimizer` with an Adam/AdamW base and the ``Sum`` aggregator:
+  :math:`-\frac{\eta}{1-\beta_1^k}\, m_i / (\sqrt{v}/\sqrt{1-\beta_2^k} + \epsilon)` with the
+  per-task first moments :math:`m_i` (tracked here; they sum to Adam's ``exp_avg``) and Adam's
+  shared second moment :math:`v` — the decomposition under which one task's large gradients
+  shrink every other task's step.
+
+The decay :math:`\beta` defaults to the group's :math:`\beta_2` (RMSprop's ``alpha``, else 0.999);
+the paper's constant is unverified (spec §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adatask import AdaTask
+from .aggregators import Sum
+from .engine import GroupSlice
+from .optimizer import MTLOptimizer
+
+__all__ = ["TaskDominance"]
+
+
+def _group_beta(group: dict[str, Any]) -> float:
+    if "betas" in group:
+        return float(group["betas"][1])
+    return float(group.get("alpha", 0.999))
+
+
+class TaskDominance:
+    """Accumulates the AU metric of ``optimizer``'s shared parameters after every ``step``.
+
+    Args:
+        optimizer: an ``AdaTask``, or an ``MTLOptimizer`` with base Adam/AdamW and
+            ``aggregator=Sum()``.
+        beta: EMA decay of AU; ``None`` takes each group's β2.
+        names: optional ``(name, param)`` pairs, e.g. ``model.named_parameters()``, to label
+            layers in :meth:`layers` and :meth:`plot`.
+    """
+
+    def __init__(
+        self,
+        optimizer: MTLOptimizer,
+        beta: float | None = None,
+        names: Iterable[tuple[str, Tensor]] | None = None,
+    ) -> None:
+        if isinstance(optimizer, AdaTask):
+            optimizer.add_observer(self._observe)
+        elif (
+            isinstance(optimizer, MTLOptimizer)
+            and issubclass(optimizer.base_class, torch.optim.Adam)
+            and isinstance(optimizer.aggregator, Sum)
+        ):
+            optimizer.register_step_pre_hook(lambda opt, *_: self._capture())
+            optimizer.register_step_post_hook(lambda opt, *_: self._adam_attribution())
+        else:
+            raise TypeError(
+                "TaskDominance needs AdaTask, or MTLOptimizer with an Adam/AdamW base and "
+                "aggregator=Sum() (per-task gradients are required to attribute the update)"
+            )
+        if beta is not None and not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.optimizer = optimizer
+        self.beta = beta
+        self._names = {id(p): n for n, p in names} if names is not None else {}
+        self.au: Tensor | None = None  # (K, d), columns in the engine's shared order
+        self._moments: Tensor | None = None
+        self._jacobian: Tensor | None = None
+
+    def _observe(self, s: GroupSlice, updates: Tensor) -> None:
+        if self.au is None:
+            k, d = updates.shape[0], self.optimizer._engine.dim
+            self.au = torch.zeros(k, d, dtype=updates.dtype, device=updates.device)
+        beta = (
+            self.beta
+            if self.beta is not None
+            else _group_beta(self.optimizer.param_groups[s.group])
+        )
+        self.au[:, s.start : s.stop].mul_(beta).addcmul_(updates, updates, value=1 - beta)
+
+    def _capture(self) -> None:
+        opt = self.optimizer
+        self._jacobian = None if opt._skip else opt._engine.jacobian
+
+    @torch.no_grad()
+    def _adam_attribution(self) -> None:
+        jac, self._jacobian = self._jacobian, None
+        if jac is None:
+            return
+        if self._moments is None:
+            self._moments = torch.zeros_like(jac)
+        for s in self.optimizer._engine.slices:
+            group = self.optimizer.param_groups[s.group]
+            beta1, beta2 = (float(b) for b in group["betas"])
+            states = [self.optimizer.state[p] for p in s.params]
+            step = float(states[0]["step"])
+            v = torch.cat([st["exp_avg_sq"].reshape(-1) for st in states]).to(jac.dtype)
+            m = self._moments[:, s.start : s.stop]
+            m.lerp_(jac[:, s.start : s.stop], 1 - beta1)
+            denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+            step_size = float(group["lr"]) / (1 - beta1**step)
+            self._observe(s, m.mul(-step_size).div_(denom))
+
+    def relative(self, eps: float = 1e-30) -> Tensor:
+        """rAU, ``(K, d)``: each column sums to 1 (uniform where nothing moved yet)."""
+        if self.au is None:
+            raise RuntimeError("no step observed yet")
+        total = self.au.sum(0, keepdim=True)
+        k = self.au.shape[0]
+        return torch.where(total > eps, self.au / total.clamp_min(eps), 1.0 / k)
+
+    def layers(self, threshold: float = 0.9) -> dict[str, dict[str, Tensor]]:
+        """Per shared parameter: mean rAU per task, and the share of coordinates each task
+        dominates (``rAU > threshold``)."""
+        rel = self.relative()
+        out: dict[str, dict[str, Tensor]] = {}
+        for s in self.optimizer._engine.slices:
+            offset = s.start
+            for p in s.params:
+                block = rel[:, offset : offset + p.numel()]
+                name = self._names.get(id(p), f"group{s.group}.{tuple(p.shape)}@{offset}")
+                out[name] = {
+                    "mean_rau": block.mean(1),
+                    "dominated": (block > threshold).to(block.dtype).mean(1),
+                }
+                offset += p.numel()
+        return out
+
+    def plot(self, ax: Any = None, task_names: list[str] | None = None) -> Any:
+        """Heatmap of mean rAU (layers × tasks); returns the matplotlib figure."""
+        import matplotlib.pyplot as plt  # optional dependency, imported on use
+
+        layers = self.layers()
+        data = torch.stack([v["mean_rau"] for v in layers.values()]).cpu().float().numpy()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(1.5 + 0.9 * data.shape[1], 1 + 0.35 * len(layers)))
+        else:
+            fig = ax.figure
+        image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        k = data.shape[1]
+        ax.set_xticks(range(k), task_names or [f"task {i}" for i in range(k)])
+        ax.set_yticks(range(len(layers)), list(layers))
+        ax.set_title("task dominance (mean rAU)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        return fig

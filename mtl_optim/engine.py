@@ -247,9 +247,7 @@ class TaskGradients:
     def _reduce(self, jacobian: Tensor) -> None:
         """Combine per-task gradients across processes (identity in a single process)."""
 
-    def representation(
-        self, losses: Sequence[Tensor], features: Sequence[Tensor]
-    ) -> Tensor:
+    def representation(self, losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
         """``(K, n_z)`` gradients of each loss at the shared representation ``z``."""
         n = sum(z.numel() for z in features)
         dtype = torch.promote_types(features[0].dtype, torch.float32)

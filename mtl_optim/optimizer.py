@@ -204,7 +204,10 @@ class MTLOptimizer(Optimizer):
             self.weighting.end_epoch()
 
     def backward(
-        self, losses: Sequence[Tensor] | Tensor, *, features: Tensor | Sequence[Tensor] | None = None
+        self,
+        losses: Sequence[Tensor] | Tensor,
+        *,
+        features: Tensor | Sequence[Tensor] | None = None,
     ) -> None:
         """Differentiate the K task losses as the method needs and fill every ``.grad``.
 
@@ -226,8 +229,10 @@ class MTLOptimizer(Optimizer):
         mix, heads_loss = self._objectives(losses, values)
         if features is not None:
             if self._per_task_state:
-                raise ValueError(f"{type(self).__name__} needs per-task gradients of the shared "
-                                 "parameters; features= is not supported")
+                raise ValueError(
+                    f"{type(self).__name__} needs per-task gradients of the shared "
+                    "parameters; features= is not supported"
+                )
             self._backward_features(losses, mix, heads_loss, features)
         elif self.aggregator is not None or self._per_task_state:
             self._backward_jacobian(losses, mix, heads_loss)

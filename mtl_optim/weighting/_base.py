@@ -26,7 +26,7 @@ class Weighting(ABC):
     def forward(self, losses: Tensor) -> Tensor:
         """The per-task objectives; must keep the autograd graph of ``losses``."""
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> None:  # noqa: B027 - a hook, a no-op unless epoch-based
         """Called by ``MTLOptimizer.end_epoch()``; epoch-based weightings override it."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""Shared test helpers: small hard-parameter-sharing models and seeded batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+
+class HPS(nn.Module):
+    """A shared trunk and K heads; ``forward`` returns the K outputs."""
+
+    def __init__(self, k: int, d_in: int = 5, width: int = 8, d_out: int = 2) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        )
+        self.heads = nn.ModuleList(nn.Linear(width, d_out) for _ in range(k))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [h(z) for h in self.heads]
+
+    def losses(self, x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [((out - y) ** 2).mean() for out, y in zip(self(x), ys)]
+
+
+def make_model(k: int, seed: int = 0, dtype: torch.dtype = torch.float64, **kw) -> HPS:
+    torch.manual_seed(seed)
+    return HPS(k, **kw).to(dtype)
+
+
+def batches(k: int, n: int, seed: int = 1, dtype=torch.float64, d_in: int = 5, d_out: int = 2):
+    """``n`` seeded batches ``(x, [y_1..y_k])`` with task-dependent target scales."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, d_in, generator=g, dtype=dtype)
+        ys = [(i + 1) * torch.randn(16, d_out, generator=g, dtype=dtype) for i in range(k)]
+        out.append((x, ys))
+    return out
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
