@@ -251,3 +251,25 @@ def test_unsupported_base_and_flags():
     z = model.trunk(x)
     with pytest.raises(ValueError, match="features"):
         opt.backward([((h(z) - y) ** 2).mean() for h, y in zip(model.heads, ys)], features=z)
+
+
+def test_aggregator_rows_feed_each_tasks_own_moments():
+    """Spec §1 decision 5: task i's moments get row i of ``aggregator.transform(J)``. ``Sum``
+    leaves J as is; ``Mean`` scales every row by 1/K, which per-task Adam undoes (up to eps)."""
+    k = 3
+    data = batches(k, 10)
+    finals = {}
+    for name, agg in (
+        ("none", None),
+        ("sum", mtl_optim.aggregators.Sum()),
+        ("mean", mtl_optim.aggregators.Mean()),
+    ):
+        model = make_model(k)
+        _train(
+            lambda m, a=agg: mtl_optim.AdaTask(m.parameters(), lr=0.01, aggregator=a), model, data
+        )
+        finals[name] = [p.detach() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(finals["none"], finals["sum"]))
+    for a, b in zip(finals["none"], finals["mean"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(finals["none"], finals["mean"]))

@@ -7,12 +7,13 @@ engine) to one direction ``(d,)``. A *row weighting* is an aggregator of the for
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
 
 from torch import Tensor
 
+from .._method import Method
 
-class Aggregator(ABC):
+
+class Aggregator(Method, ABC):
     """Callable on a ``(K, d)`` matrix ``J``; returns the combined ``(d,)`` gradient."""
 
     def __call__(self, jacobian: Tensor) -> Tensor:
@@ -31,16 +32,6 @@ class Aggregator(ABC):
         puts the whole combined direction on every task in proportion 1/K.
         """
         return self(jacobian).expand_as(jacobian) / jacobian.shape[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
 
 class RowWeighting(Aggregator):

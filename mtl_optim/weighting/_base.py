@@ -7,12 +7,13 @@ differentiates, e.g. ``w_i * L_i``. It sees losses only, never gradients.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
 
 from torch import Tensor
 
+from .._method import Method
 
-class Weighting(ABC):
+
+class Weighting(Method, ABC):
     """``W(losses) -> objectives``, both ``(K,)`` tensors; ``W.weights`` the last weights."""
 
     weights: Tensor | None = None
@@ -28,13 +29,3 @@ class Weighting(ABC):
 
     def end_epoch(self) -> None:  # noqa: B027 - a hook, a no-op unless epoch-based
         """Called by ``MTLOptimizer.end_epoch()``; epoch-based weightings override it."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
