@@ -94,7 +94,7 @@ def _adam(group: dict, grads: Tensor, params: tuple, state: dict, k: int) -> tup
         max_sq = _buffer(state, "max_exp_avg_sq", grads)
         torch.maximum(max_sq, exp_avg_sq, out=max_sq)
         exp_avg_sq = max_sq
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
     return exp_avg.mul(-step_size).div_(denom), 1.0
 
 
