@@ -266,10 +266,18 @@ class TaskGradients:
         return jacobian @ jacobian.T
 
     def write_grads(self, combined: Tensor, base: list[Tensor | None] | None) -> None:
-        """Set each shared param's ``.grad`` to ``base + combined`` (its slice of the d-vector)."""
+        """Set each shared param's ``.grad`` to ``base + combined`` (its slice of the d-vector).
+
+        ``.grad`` always owns its memory: ``combined`` may be a view of ``J`` (an aggregator
+        may return one), which the next ``backward`` overwrites.
+        """
         assert self.shared is not None
         views = [v for s in self.slices for v in s.split(combined[s.start : s.stop])]
         for i, (p, v) in enumerate(zip(self.shared, views)):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
             extra = None if base is None else base[i]
-            g = v.to(p.dtype) if extra is None else extra + v.to(p.dtype)
-            p.grad = g if p.grad is None or p.grad.shape != g.shape else p.grad.copy_(g)
+            if extra is None:
+                p.grad.copy_(v)
+            else:
+                torch.add(extra, v.to(p.dtype), out=p.grad)

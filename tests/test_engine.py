@@ -206,3 +206,27 @@ def test_features_route_is_the_vjp_of_the_combined_representation_gradient(aggre
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
     for p, g in zip(model.heads.parameters(), torch.autograd.grad(sum(losses), heads)):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+class _FirstRow(mtl_optim.aggregators.Aggregator):
+    """Returns a view of J (legal for an aggregator)."""
+
+    def forward(self, jacobian):
+        return jacobian[0]
+
+
+def test_grad_never_aliases_the_jacobian_buffer():
+    k = 2
+    model = make_model(k)
+    (x1, y1), (x2, y2) = batches(k, 2)
+    opt = mtl_optim.MTLOptimizer(
+        model.parameters(), base=torch.optim.SGD, lr=0.1, aggregator=_FirstRow()
+    )
+    opt.backward(model.losses(x1, y1))
+    first = [p.grad.clone() for p in model.trunk.parameters()]
+    opt.step()
+    opt.backward(model.losses(x2, y2))  # a new window; J is overwritten, .grad is rewritten
+    jac = opt._engine.jacobian
+    opt.zero_grad(set_to_none=False)
+    assert torch.count_nonzero(jac[0]) == jac.shape[1]  # zeroing .grad did not zero J
+    assert not all(torch.equal(a, p.grad) for a, p in zip(first, model.trunk.parameters()))
