@@ -187,3 +187,27 @@ def test_kernels_ship_inside_the_package(tmp_path):
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert out.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("aggregator", [None, Sum()], ids=["sum-route", "jacobian-route"])
+def test_grad_scaler_unscales_and_steps_like_unscaled_training(aggregator):
+    """A power-of-two loss scale is exact, so the scaled run equals the unscaled one."""
+    k = 2
+    model, ref = make_model(k), make_model(k)
+    opt = mtl_optim.MTLOptimizer(
+        model.parameters(), base=torch.optim.SGD, lr=0.05, aggregator=aggregator
+    )
+    ref_opt = mtl_optim.MTLOptimizer(
+        ref.parameters(), base=torch.optim.SGD, lr=0.05, aggregator=aggregator
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for x, ys in batches(k, 5):
+        opt.zero_grad()
+        opt.backward([scaler.scale(loss) for loss in model.losses(x, ys)])
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        ref_opt.backward(ref.losses(x, ys))
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
