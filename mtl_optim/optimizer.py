@@ -328,6 +328,9 @@ class MTLOptimizer(Optimizer):
         if mix is not None:
             jacobian = mix.to(jacobian.dtype) @ jacobian
         self._engine.write_grads(self._shared_update(jacobian), self._external)
+        max_norm = None if self.aggregator is None else self.aggregator.max_norm
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._engine.shared, max_norm)
 
     def _shared_update(self, jacobian: Tensor) -> Tensor:
         """What the shared parameters' ``.grad`` holds after ``backward``."""

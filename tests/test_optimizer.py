@@ -211,3 +211,17 @@ def test_grad_scaler_unscales_and_steps_like_unscaled_training(aggregator):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+
+
+def test_aggregator_max_norm_clips_the_shared_gradient_only():
+    k = 2
+    model = make_model(k)
+    agg = Sum()
+    agg.max_norm = 1e-3
+    opt = mtl_optim.MTLOptimizer(model.parameters(), aggregator=agg)
+    x, ys = batches(k, 1)[0]
+    opt.backward(model.losses(x, ys))
+    shared = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
+    heads = torch.cat([p.grad.reshape(-1) for p in model.heads.parameters()])
+    torch.testing.assert_close(shared.norm(), torch.tensor(1e-3, dtype=shared.dtype))
+    assert heads.norm() > 1e-2

@@ -16,6 +16,10 @@ from .._method import Method
 class Aggregator(Method, ABC):
     """Callable on a ``(K, d)`` matrix ``J``; returns the combined ``(d,)`` gradient."""
 
+    #: If set, the optimizer clips the shared parameters' combined gradient to this norm
+    #: (Nash-MTL's official step clips the shared parameters only; spec §2).
+    max_norm: float | None = None
+
     def __call__(self, jacobian: Tensor) -> Tensor:
         if jacobian.dim() != 2:
             raise ValueError(f"expected a (K, d) matrix, got shape {tuple(jacobian.shape)}")
