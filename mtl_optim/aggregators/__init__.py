@@ -2,6 +2,8 @@
 
 from ._base import Aggregator, RowWeighting
 from ._mean import Mean
+from ._mgda import MGDA
+from ._pcgrad import PCGrad
 from ._sum import Sum
 
-__all__ = ["Aggregator", "Mean", "RowWeighting", "Sum"]
+__all__ = ["MGDA", "Aggregator", "Mean", "PCGrad", "RowWeighting", "Sum"]

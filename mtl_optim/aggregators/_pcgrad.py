@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Aggregator
+
+_REDUCTIONS = ("sum", "mean")
+
+
+class PCGrad(Aggregator):
+    r"""PCGrad: project each task gradient off the gradients it conflicts with.
+
+    Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020,
+    arXiv `2001.06782 <https://arxiv.org/abs/2001.06782>`_ (spec §4).
+
+    For every task :math:`i`, start from :math:`\hat g_i = g_i` and visit the other tasks
+    :math:`j` in a random order, drawn independently for each :math:`i`; whenever
+    :math:`\hat g_i \cdot g_j < 0`,
+
+    .. math::
+        \hat g_i \leftarrow \hat g_i - \frac{\hat g_i \cdot g_j}{\lVert g_j \rVert^2}\, g_j ,
+
+    always projecting onto the **original** :math:`g_j`. The direction is
+    :math:`\sum_i \hat g_i` (``reduction="sum"``, the paper's and official default) or
+    :math:`\frac1K \sum_i \hat g_i` (``"mean"``), applied to every coordinate alike. A zero
+    :math:`g_j` has a zero dot product and never triggers a projection.
+
+    :meth:`transform` returns the rows :math:`\hat g_i` (divided by K under ``"mean"``, so that
+    the rows always sum to the direction); AdaTask feeds row :math:`i` to task :math:`i`'s
+    moments. Every :math:`\hat g_i = g_i - \sum_j c_{ij} g_j` is a combination of the rows,
+    so the projections run on the ``K×K`` Gramian :math:`G = J J^\top`
+    (:math:`\hat g_i \cdot g_j = ((I - C) G)_{ij}`) and ``J`` is touched by two matrix
+    products only. Without conflicts :math:`C = 0` and the rows are ``J`` exactly.
+
+    The visiting orders come from a CPU ``torch.Generator`` seeded with ``seed`` (a random seed
+    when ``None``); its state is in :meth:`state_dict`, so a resumed run draws the same orders.
+    (The official TF code discards its shuffle, so its order is fixed.)
+
+    Args:
+        reduction: ``"sum"`` (default) or ``"mean"``.
+        seed: seed of the generator of the visiting orders.
+    """
+
+    def __init__(self, reduction: str = "sum", *, seed: int | None = None) -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.reduction = reduction
+        self.seed = seed
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def forward(self, jacobian: Tensor) -> Tensor:
+        return self.transform(jacobian).sum(dim=0)
+
+    def transform(self, jacobian: Tensor) -> Tensor:
+        k = jacobian.shape[0]
+        work = jacobian.detach()
+        if work.dtype not in (torch.float32, torch.float64):
+            work = work.float()
+        gram = work @ work.T
+        sq_norms = gram.diagonal()
+        safe = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms))
+
+        # order[i] lists the tasks j != i in a uniformly random order: argsort of iid uniforms,
+        # with i itself pushed to the end and cut off.
+        keys = torch.rand(k, k, generator=self.generator)
+        keys.fill_diagonal_(2.0)
+        order = keys.argsort(dim=1)[:, : k - 1].to(gram.device)
+
+        rows = torch.arange(k, device=gram.device)
+        coef = torch.zeros_like(gram)  # ĝ_i = g_i - Σ_j coef[i, j] g_j
+        for step in range(k - 1):
+            other = order[:, step]
+            # ĝ_i · g_j = G_ij - Σ_l coef[i, l] G_lj, for all i at once
+            dots = gram[rows, other] - (coef * gram[other]).sum(dim=1)
+            coef[rows, other] += torch.where(dots < 0, dots / safe[other], 0.0)
+
+        edited = jacobian - coef.to(jacobian.dtype) @ jacobian
+        return edited / k if self.reduction == "mean" else edited
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"generator"}:
+            raise ValueError(f"PCGrad state must have the key 'generator', got {sorted(state)}")
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        return f"PCGrad(reduction={self.reduction!r}, seed={self.seed})"
