@@ -106,7 +106,7 @@ def main() -> None:
     widths = (64,) if args.quick else (256, 1024)
     ks = (2, 4) if args.quick else (2, 4, 8)
     repeat = args.repeat or (3 if args.quick else 80)
-    warmup = 1 if args.quick else 10
+    warmup = 1 if args.quick else 30  # the first configurations need a longer warm-up
 
     rows = [measure(k, w, warmup, repeat) for w in widths for k in ks]
     headers = [
