@@ -17,3 +17,10 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def positive(name: str, value: float) -> float:
+    """Validate a strictly positive hyperparameter (NaN is rejected too)."""
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return value

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._method import positive
 from ._base import RowWeighting
 
 _NORMALIZATIONS = ("none", "l2")
@@ -89,10 +90,8 @@ class MGDA(RowWeighting):
             )
         if not (isinstance(max_iter, int) and max_iter >= 0):
             raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        positive("tol", tol)
+        positive("eps", eps)
         self.normalization = normalization
         self.max_iter = max_iter
         self.tol = tol

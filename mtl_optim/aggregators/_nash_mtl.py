@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._method import positive
 from ._base import RowWeighting
 
 _SOLVERS = ("newton", "cvxpy")
@@ -162,10 +163,8 @@ class NashMTL(RowWeighting):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
             raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol!r}")
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+        positive("tol", tol)
+        positive("max_norm", max_norm)
         self.solver = solver
         self.update_weights_every = update_weights_every
         self.optim_niter = optim_niter
