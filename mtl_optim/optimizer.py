@@ -104,6 +104,11 @@ class MTLOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         super().__init__(params, {})
         self._base = base(self.param_groups, **base_kwargs)
+        if weighting is not None:  # learnable weightings (uncertainty) train with the model
+            known = {id(p) for g in self.param_groups for p in g["params"]}
+            extra = [p for p in weighting.parameters() if id(p) not in known]
+            if extra:
+                self._base.add_param_group({"params": extra, **weighting.param_group_options})
         for group in self.param_groups:
             self._check_group(group)
         self.base_class = base

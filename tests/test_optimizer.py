@@ -225,3 +225,48 @@ def test_aggregator_max_norm_clips_the_shared_gradient_only():
     heads = torch.cat([p.grad.reshape(-1) for p in model.heads.parameters()])
     torch.testing.assert_close(shared.norm(), torch.tensor(1e-3, dtype=shared.dtype))
     assert heads.norm() > 1e-2
+
+
+class _Learnable(mtl_optim.weighting.Weighting):
+    """Uncertainty-style objectives ½·exp(−s_i)·L_i + ½·s_i with learnable s."""
+
+    param_group_options = {"lr": 0.05}
+
+    def __init__(self, k):
+        self.s = nn.Parameter(torch.zeros(k, dtype=torch.float64))
+
+    def parameters(self):
+        return [self.s]
+
+    def forward(self, losses):
+        self.weights = 0.5 * torch.exp(-self.s.detach())
+        return 0.5 * torch.exp(-self.s) * losses + 0.5 * self.s
+
+
+def test_weighting_parameters_are_registered_trained_and_checkpointed():
+    k = 2
+    data = batches(k, 6)
+
+    def run(model, weighting, chunk, opt=None):
+        opt = opt or mtl_optim.MTLOptimizer(model.parameters(), lr=0.01, weighting=weighting)
+        for x, ys in chunk:
+            opt.zero_grad()
+            opt.backward(model.losses(x, ys))
+            opt.step()
+        return opt
+
+    model, w = make_model(k), _Learnable(k)
+    opt = run(model, w, data)
+    assert opt.param_groups[-1]["params"] == [w.s] and opt.param_groups[-1]["lr"] == 0.05
+    assert torch.count_nonzero(w.s) == k  # s trained
+
+    model2, w2 = make_model(k), _Learnable(k)
+    opt2 = run(model2, w2, data[:3])
+    sd = {"model": model2.state_dict(), "opt": opt2.state_dict()}
+    model3, w3 = make_model(k, seed=7), _Learnable(k)
+    model3.load_state_dict(sd["model"])
+    opt3 = mtl_optim.MTLOptimizer(model3.parameters(), lr=0.01, weighting=w3)
+    opt3.load_state_dict(sd["opt"])
+    run(model3, w3, data[3:], opt3)
+    assert torch.equal(w3.s, w.s)
+    assert all(torch.equal(p, q) for p, q in zip(model3.parameters(), model.parameters()))

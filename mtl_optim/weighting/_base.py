@@ -7,7 +7,9 @@ differentiates, e.g. ``w_i * L_i``. It sees losses only, never gradients.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from .._method import Method
@@ -17,6 +19,28 @@ class Weighting(Method, ABC):
     """``W(losses) -> objectives``, both ``(K,)`` tensors; ``W.weights`` the last weights."""
 
     weights: Tensor | None = None
+    #: Options of the param group that ``MTLOptimizer`` creates for :meth:`parameters`
+    #: (e.g. ``{"lr": 0.025}``); the base optimizer's defaults fill the rest.
+    param_group_options: dict[str, Any] = {}
+
+    def parameters(self) -> list[Tensor]:
+        """Learnable parameters; ``MTLOptimizer`` registers them in their own param group."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        params = self.parameters()
+        return {"parameters": [p.detach().clone() for p in params]} if params else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        saved = state.pop("parameters", [])
+        params = self.parameters()
+        if len(saved) != len(params):
+            raise ValueError(f"{self!r} has {len(params)} parameters, the state has {len(saved)}")
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        super().load_state_dict(state)
 
     def __call__(self, losses: Tensor) -> Tensor:
         if losses.dim() != 1:
