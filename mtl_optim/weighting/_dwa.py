@@ -1,0 +1,92 @@
+"""DWA: dynamic weight average."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._method import positive
+from ._base import Weighting
+from ._epoch_means import EpochMeans, pop_state
+
+
+class DWA(Weighting):
+    r"""Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with
+    Attention", CVPR 2019; the MTAN / LibMTL form).
+
+    With :math:`\bar L_k(e)` the mean training loss of task :math:`k` over epoch :math:`e`
+    (0-indexed), the weights used during epoch :math:`e` are
+
+    .. math::
+        r_k = \frac{\bar L_k(e-1)}{\bar L_k(e-2)}, \qquad
+        w_k = K \cdot \operatorname{softmax}_k(r_k / T) =
+        \frac{K \exp(r_k / T)}{\sum_j \exp(r_j / T)},
+
+    and :math:`w = 1` during the first two epochs. The objectives are :math:`o_k = w_k L_k`
+    (the weights are constants for autograd); the weights sum to :math:`K`.
+
+    Decisions: the epoch means average the detached losses of every call of the weighting (every
+    ``opt.backward``; batches skipped by the optimizer for non-finite values are not seen), in
+    float64; ``opt.end_epoch()`` closes the epoch. An epoch in which the weighting saw no losses is
+    not counted (``end_epoch`` is then a no-op). The Nash-MTL / IGB ports use windows of the last
+    2x25 iterations instead of epochs; that is not what this class does. A zero epoch-mean loss
+    makes the ratio undefined and raises ``ValueError``.
+
+    State (:meth:`state_dict`): the last two epoch means, the running sum and count of the
+    current epoch, and the number of completed epochs.
+
+    Args:
+        temperature: :math:`T` (official default 2).
+    """
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        self.temperature = positive("temperature", temperature)
+        self._history: list[Tensor] = []  # the last (at most) two epoch means, oldest first
+        self._epoch = EpochMeans()
+
+    @property
+    def epochs(self) -> int:
+        return self._epoch.epochs
+
+    def current_weights(self, k: int) -> Tensor:
+        """The float64 ``(k,)`` weights of the current epoch."""
+        if len(self._history) < 2:
+            return torch.ones(k, dtype=torch.float64)
+        prev2, prev1 = self._history
+        if prev1.numel() != k:
+            raise ValueError(f"{self!r} was run with {prev1.numel()} tasks, got {k}")
+        if bool((prev2 == 0).any()):
+            raise ValueError(f"{self!r}: an epoch-mean loss is 0, the DWA ratio is undefined")
+        r = prev1 / prev2
+        return k * torch.softmax(r / self.temperature, dim=0)
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._epoch.add(losses, self)
+        w = self.current_weights(losses.numel()).to(dtype=losses.dtype, device=losses.device)
+        self.weights = w
+        return w * losses
+
+    def end_epoch(self) -> None:
+        mean = self._epoch.close()
+        if mean is not None:
+            self._history = [*self._history, mean][-2:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "history": [h.clone() for h in self._history],
+            **self._epoch.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        mine = pop_state(state, ("history", *EpochMeans.KEYS), self)
+        super().load_state_dict(state)
+        self._history = [torch.as_tensor(h, dtype=torch.float64).clone() for h in mine["history"]]
+        self._history = self._history[-2:]
+        self._epoch.load_state_dict(mine)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(temperature={self.temperature!r})"

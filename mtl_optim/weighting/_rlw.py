@@ -1,0 +1,85 @@
+"""RLW: random loss weighting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._method import positive
+from ._base import Weighting
+
+_DISTRIBUTIONS = ("normal", "dirichlet")
+
+
+class RLW(Weighting):
+    r"""Random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting: A
+    Litmus Test for Multi-Task Learning", TMLR 2022, arXiv 2111.10603).
+
+    Every call draws fresh weights and returns :math:`o_i = w_i L_i` (the weights are constants
+    for autograd):
+
+    * ``distribution="normal"`` (the paper's default):
+      :math:`\tilde\lambda \sim \mathcal N(0, I_K)`,
+      :math:`w = s \cdot \operatorname{softmax}(\tilde\lambda)`;
+    * ``distribution="dirichlet"``: :math:`w = s \cdot p` with
+      :math:`p \sim \operatorname{Dirichlet}(1, \dots, 1)`, i.e. uniform on the simplex, drawn as
+      normalised Gamma(1) = Exp(1) variables :math:`p_i = e_i / \sum_j e_j`.
+
+    The weights always sum to the ``scale`` :math:`s`.
+
+    Decisions (spec §8): ``scale`` defaults to 1 as in LibMTL and the Nash-MTL port (IGB's port
+    uses :math:`s = K`, which multiplies the effective learning rate by :math:`K`). The draws come
+    from a private CPU ``torch.Generator`` in float64 (then cast to the losses' dtype and device),
+    so they do not touch the global RNG; ``seed=None`` seeds it nondeterministically. Its state is
+    in :meth:`state_dict`, so a resumed run draws the same weights as an uninterrupted one.
+
+    Args:
+        distribution: ``"normal"`` or ``"dirichlet"``.
+        scale: the sum of the weights.
+        seed: the generator's seed, or ``None``.
+    """
+
+    def __init__(
+        self, distribution: str = "normal", scale: float = 1.0, seed: int | None = None
+    ) -> None:
+        if distribution not in _DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+        self.distribution = distribution
+        self.scale = positive("scale", scale)
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def sample(self, k: int) -> Tensor:
+        """Draw the next ``(k,)`` float64 weights (summing to ``scale``) from the generator."""
+        if self.distribution == "normal":
+            z = torch.randn(k, generator=self.generator, dtype=torch.float64)
+            return self.scale * torch.softmax(z, dim=0)
+        e = torch.empty(k, dtype=torch.float64).exponential_(1.0, generator=self.generator)
+        return self.scale * e / e.sum()
+
+    def forward(self, losses: Tensor) -> Tensor:
+        w = self.sample(losses.numel()).to(dtype=losses.dtype, device=losses.device)
+        self.weights = w
+        return w * losses
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "generator" not in state:
+            raise ValueError(f"{self!r}: the state has no 'generator' entry")
+        self.generator.set_state(state.pop("generator").clone())
+        super().load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(distribution={self.distribution!r}, scale={self.scale!r}, "
+            f"seed={self.seed!r})"
+        )
