@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 class Method:
     """A method is stateless unless it overrides ``state_dict`` / ``load_state_dict``."""
@@ -24,3 +26,31 @@ def positive(name: str, value: float) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return value
+
+
+class Seeded(Method):
+    """A method that draws from its own CPU ``torch.Generator``, never the global RNG.
+
+    ``seed=None`` seeds it nondeterministically. The generator's state is in ``state_dict()``
+    under ``"generator"``, so a resumed run draws the same numbers.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "generator" not in state:
+            raise ValueError(f"{self!r}: the state has no 'generator' entry")
+        self.generator.set_state(state.pop("generator").clone())
+        super().load_state_dict(state)

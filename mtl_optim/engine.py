@@ -20,7 +20,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GroupSlice", "TaskGradients", "as_losses", "reachable_params"]
+__all__ = ["GroupSlice", "TaskGradients", "as_losses", "gramian", "reachable_params"]
+
+_GRAM_CHUNK = 1 << 22  # elements of J upcast at a time by `gramian`
+
+
+def gramian(jacobian: Tensor) -> Tensor:
+    """``M = J Jᵀ`` (K×K, symmetric) accumulated in float64.
+
+    A float32 Gramian can be off by ~1e-7·sqrt(d) of the squared norms, enough to turn nearly
+    opposed gradients into a numerically unbounded problem for the solvers; so a non-float64
+    ``J`` is upcast in column chunks of at most ``_GRAM_CHUNK`` elements, bounding the memory.
+    """
+    if jacobian.dtype == torch.float64:
+        gram = jacobian @ jacobian.T
+    else:
+        k, d = jacobian.shape
+        width = max(1, _GRAM_CHUNK // max(k, 1))
+        gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
+        for start in range(0, d, width):
+            chunk = jacobian[:, start : start + width].to(torch.float64)
+            gram.addmm_(chunk, chunk.T)
+    return 0.5 * (gram + gram.T)
 
 
 @dataclass(frozen=True)
@@ -259,11 +280,6 @@ class TaskGradients:
             _flat_grads(grads, features, out[i])
         self._reduce(out)
         return out
-
-    @staticmethod
-    def gramian(jacobian: Tensor) -> Tensor:
-        """``M = J Jᵀ``, the K×K matrix of inner products of the per-task gradients."""
-        return jacobian @ jacobian.T
 
     def write_grads(self, combined: Tensor, base: list[Tensor | None] | None) -> None:
         """Set each shared param's ``.grad`` to ``base + combined`` (its slice of the d-vector).

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .._method import positive
 from ._base import RowWeighting
+from ._simplex import project_to_simplex
 
 _NORMALIZATIONS = ("none", "l2")
 
@@ -163,7 +164,7 @@ def _official(d: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
     for _ in range(max_iter):
         d_alpha = d @ alpha
         direction = d_alpha.mean() - d_alpha  # -Dα, centred so that Σα is kept
-        candidate = _project_to_simplex(alpha + _step_length(alpha, direction) * direction)
+        candidate = project_to_simplex(alpha + _step_length(alpha, direction) * direction)
         d_cand = d @ candidate
         aa, ac, cc = alpha @ d_alpha, alpha @ d_cand, candidate @ d_cand
         gamma = float(_two_point(aa, ac, cc)[0])
@@ -248,12 +249,3 @@ def _step_length(alpha: np.ndarray, direction: np.ndarray) -> float:
         )
     to_bound = to_bound[(to_bound > 1e-7) & np.isfinite(to_bound)]
     return float(to_bound.min()) if to_bound.size else 1.0
-
-
-def _project_to_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto the probability simplex by sorting."""
-    desc = np.sort(v)[::-1]
-    cumsum = np.cumsum(desc) - 1.0
-    ranks = np.arange(1, v.size + 1)
-    rho = np.nonzero(desc - cumsum / ranks > 0)[0][-1]
-    return np.maximum(v - cumsum[rho] / (rho + 1), 0.0)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .._method import positive
+from ..engine import gramian
 from ._base import RowWeighting
 
 _SOLVERS = ("newton", "cvxpy")
@@ -44,7 +45,6 @@ _FULL_STEP = 0.25  # Newton decrement below which the full step is taken (self-c
 _TO_BOUNDARY = 0.99  # fraction-to-the-boundary factor that keeps alpha > 0
 _ACCEPT = 1e-4  # a final max |alpha_i (M alpha)_i - 1| above this means "no solution": fallback
 _DIVERGED = 1e12  # a normalised weight above this means the problem is (numerically) unbounded
-_GRAM_CHUNK = 1 << 22  # elements of a non-float64 J upcast at a time for the Gramian
 
 
 class NashMTL(RowWeighting):
@@ -188,7 +188,7 @@ class NashMTL(RowWeighting):
             if prev is None:
                 prev = torch.ones(k, dtype=torch.float64, device=device)
             prev = prev.to(device)
-            gram = _gramian(jacobian.detach())
+            gram = gramian(jacobian.detach())
             if self.solver == "newton":
                 alpha = _newton(gram, prev, self.max_iter, self.tol, self.check_every)
             else:
@@ -268,25 +268,6 @@ class NashMTL(RowWeighting):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _gramian(j: Tensor) -> Tensor:
-    """``J Jᵀ`` accumulated in float64.
-
-    A float32 Gramian can be off by ~1e-7·sqrt(d) of the squared norms, enough to turn nearly
-    opposed gradients into a numerically unbounded problem; so a non-float64 ``J`` is upcast
-    in column chunks of at most ``_GRAM_CHUNK`` elements, which bounds the extra memory.
-    """
-    if j.dtype == torch.float64:
-        gram = j @ j.T
-    else:
-        k, d = j.shape
-        width = max(1, _GRAM_CHUNK // max(k, 1))
-        gram = torch.zeros(k, k, dtype=torch.float64, device=j.device)
-        for start in range(0, d, width):
-            chunk = j[:, start : start + width].to(torch.float64)
-            gram.addmm_(chunk, chunk.T)
-    return 0.5 * (gram + gram.T)
 
 
 def _objective(m: Tensor, beta: Tensor) -> Tensor:

@@ -1,16 +1,15 @@
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from .._method import Seeded
 from ._base import Aggregator
 
 _REDUCTIONS = ("sum", "mean")
 
 
-class PCGrad(Aggregator):
+class PCGrad(Seeded, Aggregator):
     r"""PCGrad: project each task gradient off the gradients it conflicts with.
 
     Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020,
@@ -47,15 +46,8 @@ class PCGrad(Aggregator):
     def __init__(self, reduction: str = "sum", *, seed: int | None = None) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.reduction = reduction
-        self.seed = seed
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        super().__init__(seed)
 
     def forward(self, jacobian: Tensor) -> Tensor:
         return self.transform(jacobian).sum(dim=0)
@@ -85,14 +77,6 @@ class PCGrad(Aggregator):
 
         edited = jacobian - coef.to(jacobian.dtype) @ jacobian
         return edited / k if self.reduction == "mean" else edited
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"generator"}:
-            raise ValueError(f"PCGrad state must have the key 'generator', got {sorted(state)}")
-        self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
         return f"PCGrad(reduction={self.reduction!r}, seed={self.seed})"

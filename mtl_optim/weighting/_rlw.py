@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._method import Seeded, positive
 from ._base import Weighting
 
 _DISTRIBUTIONS = ("normal", "dirichlet")
 
 
-class RLW(Weighting):
+class RLW(Seeded, Weighting):
     r"""Random loss weighting (Lin et al., "Reasonable Effectiveness of Random Weighting: A
     Litmus Test for Multi-Task Learning", TMLR 2022, arXiv 2111.10603).
 
@@ -48,12 +46,7 @@ class RLW(Weighting):
             raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
         self.distribution = distribution
         self.scale = positive("scale", scale)
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        super().__init__(seed)
 
     def sample(self, k: int) -> Tensor:
         """Draw the next ``(k,)`` float64 weights (summing to ``scale``) from the generator."""
@@ -67,16 +60,6 @@ class RLW(Weighting):
         w = self.sample(losses.numel()).to(dtype=losses.dtype, device=losses.device)
         self.weights = w
         return w * losses
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        if "generator" not in state:
-            raise ValueError(f"{self!r}: the state has no 'generator' entry")
-        self.generator.set_state(state.pop("generator").clone())
-        super().load_state_dict(state)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,111 @@
+r"""IMTL-G: the combined direction has equal projections onto every task's unit gradient."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._method import positive
+from ..engine import gramian
+from ._base import RowWeighting
+
+_TINY = torch.finfo(torch.float64).tiny  # a squared norm at or below this counts as a zero row
+
+
+class IMTLG(RowWeighting):
+    r"""IMTL-G weights: :math:`d = J^\top\alpha` with :math:`d\cdot u_i` equal for all tasks.
+
+    Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021 (spec §5). With the unit
+    gradients :math:`u_i = g_i / \lVert g_i\rVert`, :math:`D` the rows :math:`g_1 - g_j` and
+    :math:`U` the rows :math:`u_1 - u_j` (:math:`j = 2..K`), the paper's closed form is
+
+    .. math::
+        \alpha_{2..K} = g_1 U^\top (D U^\top)^{-1}, \qquad \alpha_1 = 1 - \sum_{j\ge2}\alpha_j,
+
+    i.e. the unique :math:`\alpha` with :math:`\sum_i \alpha_i = 1` and
+    :math:`d\cdot(u_1 - u_j) = 0`: the direction :math:`d = J^\top\alpha` has the same projection
+    onto every :math:`u_i`. The weights sum to 1.
+
+    **Symmetric reformulation (ours).** With :math:`M = JJ^\top`, :math:`n_i = \sqrt{M_{ii}}` and
+    the cosine matrix :math:`C = N^{-1} M N^{-1}` (:math:`N = \operatorname{diag}(n)`), the
+    conditions read :math:`M\alpha = t\,n`, i.e. :math:`C\beta = t\,\mathbf 1` with
+    :math:`\beta = N\alpha`, and :math:`\sum_i\alpha_i = 1`. We solve this bordered
+    :math:`(K+1)\times(K+1)` system in :math:`(\beta, t)`
+
+    .. math::
+        \begin{pmatrix} C & -\mathbf 1 \\ \hat w^\top & 0 \end{pmatrix}
+        \begin{pmatrix} \beta \\ t \end{pmatrix}
+        = \begin{pmatrix} 0 \\ 1/\lVert w\rVert \end{pmatrix},
+        \qquad w_i = \frac{\max_j n_j}{n_i},\ \hat w = w / \lVert w\rVert,
+
+    and return :math:`\alpha_i = w_i\beta_i` (so :math:`\sum_i\alpha_i = 1`). It works on the
+    ``K×K`` Gramian only, treats the tasks symmetrically (no reference task, so it is
+    permutation-equivariant), and depends on :math:`J` only through the angles and the ratios of
+    the norms, so scaling ``J`` leaves :math:`\alpha` unchanged. When :math:`DU^\top` is
+    invertible it is the paper's :math:`\alpha`; for full-rank :math:`J`,
+    :math:`\alpha\propto M^{-1}n`, and for K = 2,
+    :math:`\alpha = (n_2, n_1)/(n_1 + n_2)`.
+
+    **Deviations.** (a) Singular systems: where the official port adds :math:`10^{-8} I` to
+    :math:`DU^\top`, we take the minimum-norm least-squares solution (an SVD pseudo-inverse with
+    relative cut-off ``rcond``), which is a valid solution whenever one exists, e.g. for
+    parallel or exactly opposed gradients (:math:`g, -g` gives :math:`(\tfrac12,\tfrac12)` and
+    :math:`d = 0`). If no affine combination has equal projections (possible for K ≥ 3, where
+    then also :math:`DU^\top` is singular) the least-squares compromise is returned. (b) A zero
+    row has no unit vector: it gets weight 0 and the others are solved for among themselves;
+    if every row is zero the weights are uniform. (c) A non-finite ``J`` gives NaN weights.
+    LibMTL's IMTL also applies IMTL-L (learnable loss scales); that is a loss weighting and is
+    not part of this aggregator. K = 1 gives ``[1]``.
+
+    Args:
+        rcond: relative singular-value cut-off of the pseudo-inverse.
+    """
+
+    def __init__(self, *, rcond: float = 1e-12) -> None:
+        self.rcond = positive("rcond", rcond)
+
+    def weights(self, jacobian: Tensor) -> Tensor:
+        k = jacobian.shape[0]
+        if k <= 1:
+            return torch.ones(k, dtype=jacobian.dtype, device=jacobian.device)
+        j = jacobian.detach()
+        if not j.is_floating_point():
+            j = j.double()
+        alpha = imtlg_weights(gramian(j), self.rcond)
+        return alpha.to(device=jacobian.device, dtype=jacobian.dtype)
+
+    def __repr__(self) -> str:
+        return f"IMTLG(rcond={self.rcond})"
+
+
+def imtlg_weights(gram: Tensor, rcond: float = 1e-12) -> Tensor:
+    """IMTL-G weights (float64) from a ``(K, K)`` Gramian; see :class:`IMTLG`. No host sync."""
+    gram = gram.to(torch.float64)
+    k = gram.shape[0]
+    dev = gram.device
+    diag = gram.diagonal()
+    active = diag > _TINY  # NaN rows are "inactive" here but poison the result below
+    n = torch.where(active, diag, torch.ones_like(diag)).sqrt()
+    both = active[:, None] & active[None, :]
+    eye = torch.eye(k, dtype=torch.float64, device=dev)
+    cos = torch.where(both, gram / n[:, None] / n[None, :], eye)
+    # w_i = max n / n_i >= 1 for the active rows; 0 for the zero rows (they get no weight).
+    n_max = torch.where(active, n, torch.zeros_like(n)).amax()
+    w = torch.where(active, n_max / n, torch.zeros_like(n))
+    w_norm = torch.linalg.vector_norm(w)
+    w_norm = torch.where(w_norm > 0, w_norm, torch.ones_like(w_norm))
+
+    system = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=dev)
+    system[:k, :k] = cos
+    # Row i of an active task: (Cβ)_i - t = 0; of a zero row: β_i = 0 (C's row is e_i there).
+    system[:k, k] = torch.where(active, -1.0, 0.0).to(torch.float64)
+    system[k, :k] = w / w_norm
+    rhs = torch.zeros(k + 1, dtype=torch.float64, device=dev)
+    rhs[k] = 1.0 / w_norm
+    sol = torch.linalg.pinv(system, rtol=rcond) @ rhs
+    alpha = w * sol[:k]
+
+    uniform = torch.full_like(alpha, 1.0 / k)
+    alpha = torch.where(active.any(), alpha, uniform)
+    poisoned = ~torch.isfinite(gram).all()
+    return torch.where(poisoned, torch.full_like(alpha, float("nan")), alpha)

@@ -1,0 +1,292 @@
+"""IMTL-G, CAGrad (spec §5) and random weighting: properties, golden values, training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+from torch import nn
+
+import mtl_optim
+from mtl_optim.aggregators._cagrad import CAGrad, cagrad_objective, cagrad_simplex
+from mtl_optim.aggregators._imtlg import IMTLG
+from mtl_optim.aggregators._random import Random
+
+# g_1 = (-4, 1, 1), g_2 = (6, 1, 1): ‖g_1‖² = 18, ‖g_2‖² = 38, g_1·g_2 = -22.
+J_GOLDEN = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
+
+
+@st.composite
+def matrices(draw, k_min: int = 2, k_max: int = 6, full_rank: bool = False) -> torch.Tensor:
+    """``J = A B · 10^u`` of K rows, rank ``r`` and scale ``10^u``, ``u ∈ [-6, 6]``."""
+    k = draw(st.integers(k_min, k_max))
+    rank = k if full_rank else draw(st.integers(1, k))
+    d = draw(st.integers(k + 2 if full_rank else rank, 10))
+    scale = 10.0 ** draw(st.floats(-6, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    a = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, d))
+    return torch.from_numpy(a * scale)
+
+
+def projections(jacobian: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``d·u_i`` for the direction ``d = αᵀJ``."""
+    return jacobian @ (alpha @ jacobian) / jacobian.norm(dim=1)
+
+
+def assert_equal_projections(jacobian: torch.Tensor, alpha: torch.Tensor) -> None:
+    proj = projections(jacobian, alpha)
+    scale = (alpha.abs() * jacobian.norm(dim=1)).sum()  # bounds every |d·u_i|
+    assert (proj - proj.mean()).abs().max() <= 1e-7 * scale, (proj, alpha)
+    assert abs(alpha.sum().item() - 1.0) <= 1e-8 * max(1.0, alpha.abs().sum().item())
+
+
+# ---------------------------------------------------------------------------------- IMTL-G
+
+
+def test_imtlg_golden():
+    # K = 2: α = (n_2, n_1)/(n_1 + n_2) with n_1 = √18 = 3√2, n_2 = √38 = √2·√19, so
+    # α_1 = √19/(3 + √19) ≈ 0.592330, α_2 = 3/(3 + √19) ≈ 0.407670.
+    # Spec formula: α_2 = g_1·(u_1-u_2) / ((g_1-g_2)·(u_1-u_2))
+    #   = (√18 + 22/√38) / (√18 + 22/√38 + 22/√18 + √38) = (33 + 9√19)/(90 + 20√19), the same.
+    # d = α_1 g_1 + α_2 g_2 = ((18 - 4√19)/(3 + √19), 1, 1) ≈ (0.076697, 1, 1) and
+    # d·u_1 = (18α_1 - 22α_2)/√18 = (18√19 - 66)/(3√2(3 + √19)) ≈ 0.399094 = d·u_2.
+    s19 = math.sqrt(19.0)
+    expected = torch.tensor([s19, 3.0], dtype=torch.float64) / (3.0 + s19)
+    assert abs((33 + 9 * s19) / (90 + 20 * s19) - expected[1].item()) < 1e-15
+    alpha = IMTLG().weights(J_GOLDEN)
+    torch.testing.assert_close(alpha, expected, rtol=1e-12, atol=0)
+    proj = projections(J_GOLDEN, alpha)
+    assert proj[0].item() == pytest.approx(0.399094, abs=1e-6)
+    torch.testing.assert_close(proj[0], proj[1], rtol=1e-12, atol=0)
+    d = torch.tensor([(18 - 4 * s19) / (3 + s19), 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(IMTLG()(J_GOLDEN), d, rtol=1e-12, atol=1e-14)
+
+
+def spec_imtlg(jacobian: torch.Tensor) -> torch.Tensor:
+    """The spec's formula with g_1 as the reference (no regulariser)."""
+    g = jacobian
+    u = g / g.norm(dim=1, keepdim=True)
+    d, uu = g[0] - g[1:], u[0] - u[1:]
+    rest = torch.linalg.solve((d @ uu.T).T, (g[0] @ uu.T))
+    return torch.cat([(1 - rest.sum()).reshape(1), rest])
+
+
+@SETTINGS
+@given(matrices(full_rank=True))
+def test_imtlg_matches_spec_formula(jacobian):
+    expected = spec_imtlg(jacobian)
+    alpha = IMTLG().weights(jacobian)
+    torch.testing.assert_close(alpha, expected, rtol=1e-6, atol=1e-8 * expected.abs().max())
+
+
+@SETTINGS
+@given(matrices(), st.floats(-6, 6))
+def test_imtlg_equal_projections_and_scaling(jacobian, log_c):
+    alpha = IMTLG().weights(jacobian)
+    assert_equal_projections(jacobian, alpha)
+    scaled = jacobian * 10.0**log_c
+    alpha_scaled = IMTLG().weights(scaled)
+    assert_equal_projections(scaled, alpha_scaled)
+    # per-row positive scaling: the property still holds on the rescaled rows
+    row_scales = torch.linspace(0.5, 3.0, jacobian.shape[0], dtype=torch.float64)[:, None]
+    assert_equal_projections(jacobian * row_scales, IMTLG().weights(jacobian * row_scales))
+
+
+@SETTINGS
+@given(matrices(), st.randoms(use_true_random=False))
+def test_imtlg_permutation_equivariant(jacobian, rnd):
+    perm = list(range(jacobian.shape[0]))
+    rnd.shuffle(perm)
+    perm = torch.tensor(perm)
+    alpha = IMTLG().weights(jacobian)
+    alpha_p = IMTLG().weights(jacobian[perm])
+    scale = alpha.abs().max()
+    torch.testing.assert_close(alpha_p, alpha[perm], rtol=1e-6, atol=1e-8 * scale)
+
+
+def test_imtlg_degenerate_cases():
+    imtlg = IMTLG()
+    assert imtlg.weights(torch.ones(1, 3)).tolist() == [1.0]
+    # exactly opposed gradients: equal projections only for d = 0
+    j = torch.tensor([[1.0, 2.0], [-2.0, -4.0]], dtype=torch.float64)
+    alpha = imtlg.weights(j)
+    torch.testing.assert_close(alpha, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+    assert (alpha @ j).abs().max() < 1e-12
+    # a zero row gets weight 0, the others are solved among themselves; no NaN
+    j = torch.cat([J_GOLDEN[:1], torch.zeros(1, 3, dtype=torch.float64), J_GOLDEN[1:]])
+    alpha = imtlg.weights(j)
+    assert torch.isfinite(alpha).all() and alpha[1] == 0
+    torch.testing.assert_close(alpha[[0, 2]], imtlg.weights(J_GOLDEN))
+    torch.testing.assert_close(imtlg.weights(torch.zeros(3, 4)), torch.full((3,), 1 / 3))
+    # dtype and NaN propagation
+    assert imtlg.weights(J_GOLDEN.float()).dtype == torch.float32
+    assert torch.isnan(imtlg.weights(torch.tensor([[math.nan, 1.0], [1.0, 2.0]]))).all()
+    with pytest.raises(ValueError):
+        IMTLG(rcond=0.0)
+
+
+# ---------------------------------------------------------------------------------- CAGrad
+
+
+def fw_gap(gram: np.ndarray, c: float, w: np.ndarray) -> float:
+    """Frank–Wolfe gap of the (unnormalised) CAGrad problem: 0 exactly at the optimum."""
+    phi = c * math.sqrt(gram.mean()) + 1e-8
+    g = gram.mean(axis=1) + phi * gram @ w / math.sqrt(w @ gram @ w + 1e-8)
+    return float(w @ g - g.min())
+
+
+@SETTINGS
+@given(matrices(k_min=2, k_max=2), st.floats(0.05, 2.0))
+def test_cagrad_brute_force_k2(jacobian, c):
+    gram = (jacobian @ jacobian.T).numpy()
+    w = cagrad_simplex(gram, c)
+    assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
+    grid = np.linspace(0.0, 1.0, 20001)
+    best = min(cagrad_objective(gram, c, np.array([a, 1 - a])) for a in grid)
+    scale = np.max(np.diag(gram))
+    assert cagrad_objective(gram, c, w) <= best + 1e-9 * scale
+
+
+@SETTINGS
+@given(matrices(k_max=8), st.floats(0.05, 2.0))
+def test_cagrad_kkt_and_slsqp(jacobian, c):
+    gram = (jacobian @ jacobian.T).numpy()
+    k = gram.shape[0]
+    w = cagrad_simplex(gram, c)
+    scale = np.max(np.diag(gram))
+    assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
+    if w @ gram @ w >= 1e-6 * scale:  # away from the (smoothed) kink at g_w = 0
+        assert fw_gap(gram, c, w) <= 1e-7 * scale
+    rng = np.random.default_rng(0)  # no feasible neighbour is better
+    for _ in range(20):
+        other = np.clip(w + 1e-4 * rng.standard_normal(k), 0, None)
+        other /= other.sum()
+        assert cagrad_objective(gram, c, w) <= cagrad_objective(gram, c, other) + 1e-12 * scale
+    # never worse than the official SLSQP from the uniform point
+    res = minimize(
+        lambda x: cagrad_objective(gram, c, x),
+        np.full(k, 1 / k),
+        bounds=[(0, 1)] * k,
+        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+        method="SLSQP",
+    )
+    assert cagrad_objective(gram, c, w) <= cagrad_objective(gram, c, res.x) + 1e-8 * scale
+
+
+@SETTINGS
+@given(matrices(), st.floats(0.05, 2.0), st.randoms(use_true_random=False))
+def test_cagrad_direction_formula_and_permutation(jacobian, c, rnd):
+    k = jacobian.shape[0]
+    agg = CAGrad(c=c)
+    out = agg(jacobian)
+    gram = (jacobian @ jacobian.T).numpy()
+    w = torch.from_numpy(cagrad_simplex(gram, c))
+    g_mean = jacobian.mean(dim=0)
+    g_w = w @ jacobian
+    lam = (c * g_mean.norm() + 1e-8) / (g_w.norm() + 1e-8)
+    expected = (g_mean + lam * g_w) / (1 + c**2) * k
+    scale = jacobian.norm(dim=1).max() * (1 + lam)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * scale)
+    torch.testing.assert_close(agg.transform(jacobian).sum(0), out, rtol=1e-9, atol=1e-9 * scale)
+    perm = list(range(k))
+    rnd.shuffle(perm)
+    torch.testing.assert_close(agg(jacobian[perm]), out, rtol=1e-5, atol=1e-5 * scale)
+    # CAGrad's guarantee: d_raw maximises min_i g_i·d over the ball ‖d - ḡ‖ <= c‖ḡ‖, which
+    # contains ḡ, so the worst task is served at least as well as by the mean gradient
+    raw = g_mean + lam * g_w
+    assert (jacobian @ raw).min() >= (jacobian @ g_mean).min() - 1e-6 * scale**2
+
+
+def test_cagrad_c0_rescale_and_options():
+    torch.manual_seed(0)
+    j = torch.randn(3, 7, dtype=torch.float64)
+    assert torch.equal(CAGrad(c=0.0)(j), CAGrad(c=0.0).weights(j) @ j)
+    torch.testing.assert_close(CAGrad(c=0.0)(j), j.sum(0), rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(CAGrad(c=0.0, scale_by_k=False)(j), j.mean(0))
+    base = CAGrad(c=0.5, rescale=0, scale_by_k=False)(j)
+    torch.testing.assert_close(CAGrad(c=0.5, rescale=1, scale_by_k=False)(j), base / 1.25)
+    torch.testing.assert_close(CAGrad(c=0.5, rescale=2, scale_by_k=False)(j), base / 1.5)
+    torch.testing.assert_close(CAGrad(c=0.5, rescale=0)(j), 3 * base)
+    assert torch.isfinite(CAGrad()(torch.zeros(3, 4))).all()
+    assert CAGrad()(j.float()).dtype == torch.float32
+    for bad in (dict(c=-1.0), dict(rescale=3), dict(tol=0.0), dict(max_iter=-1)):
+        with pytest.raises(ValueError):
+            CAGrad(**bad)
+    assert "c=0.4" in repr(CAGrad())
+
+
+# ---------------------------------------------------------------------------------- Random
+
+
+def test_random_weights():
+    j = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rw = Random(seed=3)
+    ws = [rw.weights(j) for _ in range(5)]
+    for w in ws:
+        assert (w > 0).all() and abs(w.sum().item() - 1) < 1e-12
+    assert not torch.equal(ws[0], ws[1])  # fresh draws
+    # reproducible: the same seed gives the same sequence, and softmax of N(0, I) draws
+    gen = torch.Generator().manual_seed(3)
+    expected = torch.softmax(torch.randn(4, generator=gen, dtype=torch.float64), 0)
+    torch.testing.assert_close(ws[0], expected, rtol=0, atol=0)
+    again = Random(seed=3)
+    assert all(torch.equal(w, again.weights(j)) for w in ws)
+    assert Random(seed=3).weights(j.float()).dtype == torch.float32
+    with pytest.raises(TypeError):
+        Random(seed=1.5)
+
+
+def test_random_state_dict_round_trip():
+    j = torch.randn(3, 4, dtype=torch.float64)
+    a = Random(seed=7)
+    a.weights(j)
+    state = a.state_dict()
+    expected = [a(j) for _ in range(3)]
+    b = Random()  # a different, random seed
+    b.load_state_dict(state)
+    assert all(torch.equal(e, b(j)) for e in expected)
+    with pytest.raises(ValueError):
+        b.load_state_dict({})
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+class TwoTask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [head(z) for head in self.heads]
+
+
+@pytest.mark.parametrize("aggregator", [IMTLG(), CAGrad(), Random(seed=0)], ids=repr)
+def test_training_decreases_both_losses(aggregator):
+    torch.manual_seed(0)
+    model = TwoTask().double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    targets = [x @ torch.randn(4, 1, dtype=torch.float64) for _ in range(2)]
+    opt = mtl_optim.MTLOptimizer(
+        model.parameters(), base=torch.optim.SGD, lr=0.05, aggregator=aggregator
+    )
+
+    def losses() -> list[torch.Tensor]:
+        return [((out - y) ** 2).mean() for out, y in zip(model(x), targets)]
+
+    start = [loss.item() for loss in losses()]
+    for _ in range(100):
+        opt.zero_grad()
+        opt.backward(losses())
+        opt.step()
+    end = [loss.item() for loss in losses()]
+    assert all(e < 0.1 * s for s, e in zip(start, end)), (start, end)
