@@ -52,3 +52,48 @@ def clone(model: nn.Module) -> nn.Module:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class TwoTask(nn.Module):
+    """A Linear trunk (tanh for the nonlinear data) and two scalar heads."""
+
+    def __init__(self, nonlinear: bool = False) -> None:
+        super().__init__()
+        self.nonlinear = nonlinear
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        z = torch.tanh(z) if self.nonlinear else z
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+def two_task_data(nonlinear: bool = False):
+    """64 seeded inputs and two targets: linear maps (global RNG) or sin/tanh (own RNG)."""
+    if not nonlinear:
+        x = torch.randn(64, 4, dtype=torch.float64)
+        return x, [(x @ torch.randn(4, 1, dtype=torch.float64)).squeeze(-1) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    return x, [torch.sin(x[:, 0]) + 0.5 * x[:, 1], 3.0 * torch.tanh(x[:, 2] - x[:, 3])]
+
+
+def train_two_task(make_opt, *, nonlinear: bool, steps: int, epoch_every: int | None = None):
+    """Train a seeded ``TwoTask`` with ``make_opt(model)``; the K losses before and after."""
+    torch.manual_seed(0)
+    model = TwoTask(nonlinear).double()
+    x, ys = two_task_data(nonlinear)
+    opt = make_opt(model)
+
+    def losses() -> list[torch.Tensor]:
+        return [((out - y) ** 2).mean() for out, y in zip(model(x), ys)]
+
+    first = [v.item() for v in losses()]
+    for step in range(steps):
+        opt.zero_grad()
+        opt.backward(losses())
+        opt.step()
+        if epoch_every is not None and step % epoch_every == epoch_every - 1:
+            opt.end_epoch()
+    return opt, first, [v.item() for v in losses()]

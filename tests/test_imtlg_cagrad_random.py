@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import train_two_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
-from torch import nn
 
 import mtl_optim
 from mtl_optim.aggregators._cagrad import CAGrad, cagrad_objective, cagrad_simplex
@@ -259,34 +259,12 @@ def test_random_state_dict_round_trip():
 # ---------------------------------------------------------------------------------- training
 
 
-class TwoTask(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(4, 8)
-        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = self.trunk(x)
-        return [head(z) for head in self.heads]
-
-
 @pytest.mark.parametrize("aggregator", [IMTLG(), CAGrad(), Random(seed=0)], ids=repr)
 def test_training_decreases_both_losses(aggregator):
-    torch.manual_seed(0)
-    model = TwoTask().double()
-    x = torch.randn(64, 4, dtype=torch.float64)
-    targets = [x @ torch.randn(4, 1, dtype=torch.float64) for _ in range(2)]
-    opt = mtl_optim.MTLOptimizer(
-        model.parameters(), base=torch.optim.SGD, lr=0.05, aggregator=aggregator
-    )
+    def make_opt(model):
+        return mtl_optim.MTLOptimizer(
+            model.parameters(), base=torch.optim.SGD, lr=0.05, aggregator=aggregator
+        )
 
-    def losses() -> list[torch.Tensor]:
-        return [((out - y) ** 2).mean() for out, y in zip(model(x), targets)]
-
-    start = [loss.item() for loss in losses()]
-    for _ in range(100):
-        opt.zero_grad()
-        opt.backward(losses())
-        opt.step()
-    end = [loss.item() for loss in losses()]
+    _, start, end = train_two_task(make_opt, nonlinear=False, steps=100)
     assert all(e < 0.1 * s for s, e in zip(start, end)), (start, end)

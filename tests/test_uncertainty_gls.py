@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import TwoTask, train_two_task, two_task_data
 from torch import nn
 
 import mtl_optim
@@ -278,17 +279,6 @@ def test_gls_objectives_sum_to_the_geometric_mean_and_gradient_matches_autograd(
 
 
 # --- training through the optimizer ------------------------------------------------------
-class TwoTask(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(4, 8)
-        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = torch.tanh(self.trunk(x))
-        return [h(z).squeeze(-1) for h in self.heads]
-
-
 MAKERS = {
     "UW": lambda: Uncertainty(2, dtype=F64),
     "UW-factors-clip": lambda: Uncertainty(2, factors=(1.0, 2.0), clip=(-2.0, 2.0), dtype=F64),
@@ -299,35 +289,17 @@ MAKERS = {
 }
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=g, dtype=F64)
-    ys = [torch.sin(x[:, 0]) + 0.5 * x[:, 1], 3.0 * torch.tanh(x[:, 2] - x[:, 3])]
-    return x, ys
-
-
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_training_through_the_optimizer_decreases_both_losses(name):
-    torch.manual_seed(0)
-    model = TwoTask().to(F64)
-    x, ys = _data()
     weighting = MAKERS[name]()
-    opt = mtl_optim.MTLOptimizer(
-        model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=weighting
-    )
-
-    def losses() -> list[torch.Tensor]:
-        return [((out - y) ** 2).mean() for out, y in zip(model(x), ys)]
-
-    first = [v.item() for v in losses()]
     start = [p.detach().clone() for p in weighting.parameters()]
-    for step in range(150):
-        opt.zero_grad()
-        opt.backward(losses())
-        opt.step()
-        if step % 10 == 9:
-            opt.end_epoch()
-    last = [v.item() for v in losses()]
+
+    def make_opt(model):
+        return mtl_optim.MTLOptimizer(
+            model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=weighting
+        )
+
+    opt, first, last = train_two_task(make_opt, nonlinear=True, steps=150, epoch_every=10)
     assert all(b < 0.5 * a for a, b in zip(first, last)), (first, last)
     assert opt.last_weights is not None and opt.last_weights.shape == (2,)
     for p, p0 in zip(weighting.parameters(), start):
@@ -353,13 +325,13 @@ def test_optimizer_checkpoint_through_torch_save_resumes_bit_identically(name):
 
     def build():
         torch.manual_seed(0)
-        model = TwoTask().to(F64)
+        model = TwoTask(nonlinear=True).double()
         opt = mtl_optim.MTLOptimizer(
             model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=MAKERS[name]()
         )
         return model, opt
 
-    x, ys = _data()
+    x, ys = two_task_data(nonlinear=True)
     model, opt = build()
     run(opt, model, x, ys, range(8))
     buf = io.BytesIO()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from conftest import TwoTask, train_two_task
 
 import mtl_optim
 from mtl_optim.weighting._dwa import DWA
@@ -259,44 +259,20 @@ def test_igb_state_dict_round_trip():
 
 
 # --- through the optimizer --------------------------------------------------------------
-class TwoTask(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(4, 8)
-        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        z = torch.tanh(self.trunk(x))
-        return [h(z).squeeze(-1) for h in self.heads]
-
-
 @pytest.mark.parametrize(
     "make",
     [ScaleInvariant, lambda: RLW(seed=0), lambda: RLW("dirichlet", scale=2.0, seed=0), DWA, IGB],
     ids=["SI", "RLW-normal", "RLW-dirichlet", "DWA", "IGB"],
 )
 def test_training_through_the_optimizer_decreases_both_losses(make):
-    torch.manual_seed(0)
-    model = TwoTask().to(F64)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=g, dtype=F64)
-    ys = [torch.sin(x[:, 0]) + 0.5 * x[:, 1], 3.0 * torch.tanh(x[:, 2] - x[:, 3])]
     weighting = make()
-    opt = mtl_optim.MTLOptimizer(
-        model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=weighting
-    )
 
-    def losses() -> list[torch.Tensor]:
-        return [((out - y) ** 2).mean() for out, y in zip(model(x), ys)]
+    def make_opt(model):
+        return mtl_optim.MTLOptimizer(
+            model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=weighting
+        )
 
-    first = [v.item() for v in losses()]
-    for step in range(150):
-        opt.zero_grad()
-        opt.backward(losses())
-        opt.step()
-        if step % 10 == 9:
-            opt.end_epoch()
-    last = [v.item() for v in losses()]
+    opt, first, last = train_two_task(make_opt, nonlinear=True, steps=150, epoch_every=10)
     assert all(b < 0.5 * a for a, b in zip(first, last)), (first, last)
     assert opt.last_weights is not None and opt.last_weights.shape == (2,)
     if isinstance(weighting, (DWA, IGB)):
@@ -317,7 +293,7 @@ def test_optimizer_checkpoint_through_torch_save_resumes_the_weights(make):
         return out
 
     torch.manual_seed(0)
-    model = TwoTask().to(F64)
+    model = TwoTask(nonlinear=True).double()
     x = torch.randn(16, 4, dtype=F64)
     ys = [x[:, 0], x[:, 1] ** 2]
     opt = mtl_optim.MTLOptimizer(
@@ -329,7 +305,7 @@ def test_optimizer_checkpoint_through_torch_save_resumes_the_weights(make):
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
     ref = run(opt, model, x, ys, range(7, 14))
-    model2 = TwoTask().to(F64)
+    model2 = TwoTask(nonlinear=True).double()
     model2.load_state_dict(ckpt["model"])
     opt2 = mtl_optim.MTLOptimizer(
         model2.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=make()
