@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 torch.set_num_threads(1)
@@ -97,3 +99,27 @@ def train_two_task(make_opt, *, nonlinear: bool, steps: int, epoch_every: int | 
         if epoch_every is not None and step % epoch_every == epoch_every - 1:
             opt.end_epoch()
     return opt, first, [v.item() for v in losses()]
+
+
+# The hand-checkable matrix: g_1 = (-4, 1, 1), g_2 = (6, 1, 1); ‖g_1‖² = 18, ‖g_2‖² = 38,
+# g_1·g_2 = -22.
+J_GOLDEN = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
+
+
+@st.composite
+def matrices(
+    draw,
+    k_min: int = 2,
+    k_max: int = 8,
+    full_rank: bool = False,
+    d_max: int = 12,
+    exponent: float = 8.0,
+) -> torch.Tensor:
+    """``J = A B · 10^u`` of K rows, rank ``r`` (1..K), ``u ∈ [-exponent, exponent]``."""
+    k = draw(st.integers(k_min, k_max))
+    rank = k if full_rank else draw(st.integers(1, k))
+    d = draw(st.integers(k + 2 if full_rank else rank, d_max))
+    scale = 10.0 ** draw(st.floats(-exponent, exponent))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    a = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, d))
+    return torch.from_numpy(a * scale)

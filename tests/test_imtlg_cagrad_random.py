@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import train_two_task
+from conftest import J_GOLDEN, train_two_task
+from conftest import matrices as _matrices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
@@ -17,22 +18,12 @@ from mtl_optim.aggregators._cagrad import CAGrad, cagrad_objective, cagrad_simpl
 from mtl_optim.aggregators._imtlg import IMTLG
 from mtl_optim.aggregators._random import Random
 
-# g_1 = (-4, 1, 1), g_2 = (6, 1, 1): ‖g_1‖² = 18, ‖g_2‖² = 38, g_1·g_2 = -22.
-J_GOLDEN = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
-
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
 
 
-@st.composite
-def matrices(draw, k_min: int = 2, k_max: int = 6, full_rank: bool = False) -> torch.Tensor:
-    """``J = A B · 10^u`` of K rows, rank ``r`` and scale ``10^u``, ``u ∈ [-6, 6]``."""
-    k = draw(st.integers(k_min, k_max))
-    rank = k if full_rank else draw(st.integers(1, k))
-    d = draw(st.integers(k + 2 if full_rank else rank, 10))
-    scale = 10.0 ** draw(st.floats(-6, 6))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    a = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, d))
-    return torch.from_numpy(a * scale)
+def matrices(k_min: int = 2, k_max: int = 6, full_rank: bool = False):
+    """The shared sampler with this file's ranges: K <= 6, d <= 10, scale 10^±6."""
+    return _matrices(k_min, k_max, full_rank, d_max=10, exponent=6.0)
 
 
 def projections(jacobian: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import train_two_task
+from conftest import J_GOLDEN, matrices, train_two_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,22 +16,7 @@ import mtl_optim
 from mtl_optim.aggregators._mgda import MGDA
 from mtl_optim.aggregators._pcgrad import PCGrad
 
-# The hand-checkable matrix: g_1 = (-4, 1, 1), g_2 = (6, 1, 1), g_1·g_2 = -22.
-J_GOLDEN = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64)
-
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
-
-
-@st.composite
-def matrices(draw, k_min: int = 2, k_max: int = 8, full_rank: bool = False) -> torch.Tensor:
-    """``J = A B · 10^u`` of K rows, rank ``r`` (1..K) and scale ``10^u``, ``u ∈ [-8, 8]``."""
-    k = draw(st.integers(k_min, k_max))
-    rank = k if full_rank else draw(st.integers(1, k))
-    d = draw(st.integers(k + 2 if full_rank else rank, 12))
-    scale = 10.0 ** draw(st.floats(-8, 8))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    a = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, d))
-    return torch.from_numpy(a * scale)
 
 
 def normalized_gram(jacobian: torch.Tensor, normalization: str) -> torch.Tensor:
