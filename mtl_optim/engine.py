@@ -60,8 +60,13 @@ class GroupSlice:
         return [c.view(*lead, *p.shape) for c, p in zip(chunks, self.params)]
 
 
-def as_losses(losses: Sequence[Tensor] | Tensor, num_tasks: int | None) -> list[Tensor]:
-    """Validate user losses: K scalar, floating, differentiable tensors (K fixed once known)."""
+def as_losses(
+    losses: Sequence[Tensor] | Tensor, num_tasks: int | None, differentiable: bool = True
+) -> list[Tensor]:
+    """Validate user losses: K scalar, floating, differentiable tensors (K fixed once known).
+
+    ``differentiable=False`` accepts loss values without a graph (re-evaluated losses).
+    """
     if isinstance(losses, Tensor):
         if losses.dim() != 1:
             raise ValueError(
@@ -87,7 +92,7 @@ def as_losses(losses: Sequence[Tensor] | Tensor, num_tasks: int | None) -> list[
             )
         if not loss.is_floating_point():
             raise TypeError(f"loss {i} has dtype {loss.dtype}; losses must be floating point")
-        if not loss.requires_grad:
+        if differentiable and not loss.requires_grad:
             raise ValueError(
                 f"loss {i} does not require grad: was it computed under torch.no_grad() or "
                 "detached, or does it depend on no parameter?"

@@ -114,6 +114,8 @@ class MTLOptimizer(Optimizer):
         self.base_class = base
         self.aggregator = aggregator
         self.weighting = weighting
+        if weighting is not None:
+            weighting.attach(self)
         self.nonfinite = nonfinite
         self._shared_arg = None if shared is None else list(shared)
         self._engine = TaskGradients()
@@ -208,6 +210,25 @@ class MTLOptimizer(Optimizer):
         if self.weighting is not None:
             self.weighting.end_epoch()
 
+    @torch.no_grad()
+    def update_weighting(self, losses: Sequence[Tensor] | Tensor) -> None:
+        """Hand the weighting the losses of the same batch re-evaluated after ``step()``.
+
+        FAMO's weight update needs them (spec §10); for every other weighting this is a no-op.
+        Call it after ``step()``, with the K losses of the batch that ``backward`` saw::
+
+            opt.backward(model_losses(x, ys)); opt.step()
+            with torch.no_grad():
+                opt.update_weighting(model_losses(x, ys))
+
+        Non-finite losses are ignored with a warning (or raise, per ``nonfinite``).
+        """
+        if self.weighting is None:
+            return
+        values = torch.stack([loss.detach() for loss in as_losses(losses, self.num_tasks, False)])
+        if self._finite([values], "loss", skip=False):
+            self.weighting.post_step(values)
+
     def backward(
         self,
         losses: Sequence[Tensor] | Tensor,
@@ -239,7 +260,7 @@ class MTLOptimizer(Optimizer):
                     "parameters; features= is not supported"
                 )
             self._backward_features(losses, mix, heads_loss, features)
-        elif self.aggregator is not None or self._per_task_state:
+        elif self.aggregator is not None or self._per_task_state or self._weighting_needs_j:
             self._backward_jacobian(losses, mix, heads_loss)
         else:
             self._backward_sum(heads_loss)
@@ -252,11 +273,30 @@ class MTLOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self._skip:
+            self._clip()
             self._update()
+            if self.weighting is not None:
+                self.weighting.after_step()
         self._new_window()
         return loss
 
     # --- internals -------------------------------------------------------------------
+    @property
+    def _weighting_needs_j(self) -> bool:
+        return self.weighting is not None and self.weighting.needs_jacobian
+
+    @property
+    def max_norm(self) -> float | None:
+        """The norm the shared gradient is clipped to before each step (aggregator or weighting)."""
+        norms = [m.max_norm for m in (self.aggregator, self.weighting) if m is not None]
+        norms = [n for n in norms if n is not None]
+        return min(norms) if norms else None
+
+    def _clip(self) -> None:
+        max_norm = self.max_norm
+        if max_norm is not None and self._engine.ready:
+            torch.nn.utils.clip_grad_norm_(self._engine.shared, max_norm)
+
     def _update(self) -> None:
         self._base.step()
 
@@ -332,10 +372,9 @@ class MTLOptimizer(Optimizer):
             return
         if mix is not None:
             jacobian = mix.to(jacobian.dtype) @ jacobian
+        if self._weighting_needs_j:
+            jacobian = self.weighting.observe(jacobian)
         self._engine.write_grads(self._shared_update(jacobian), self._external)
-        max_norm = None if self.aggregator is None else self.aggregator.max_norm
-        if max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._engine.shared, max_norm)
 
     def _shared_update(self, jacobian: Tensor) -> Tensor:
         """What the shared parameters' ``.grad`` holds after ``backward``."""
@@ -365,14 +404,19 @@ class MTLOptimizer(Optimizer):
             return
         if mix is not None:
             grads_z = mix.to(grads_z.dtype) @ grads_z
+        if self._weighting_needs_j:
+            grads_z = self.weighting.observe(grads_z)
         combined = self._combine(grads_z)
         sizes = [z.numel() for z in zs]
         grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
         torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
         self._finite([p.grad for p in above if p.grad is not None], "gradient")
 
-    def _finite(self, tensors: list[Tensor], what: str) -> bool:
-        """One host sync: are all ``tensors`` finite? If not, skip or raise per ``nonfinite``."""
+    def _finite(self, tensors: list[Tensor], what: str, skip: bool = True) -> bool:
+        """One host sync: are all ``tensors`` finite? If not, skip or raise per ``nonfinite``.
+
+        With ``skip=False`` a non-finite value only warns (and returns False); the step is kept.
+        """
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in tensors:
             groups.setdefault((t.device, t.dtype), []).append(t)
@@ -389,6 +433,9 @@ class MTLOptimizer(Optimizer):
         message = f"non-finite {what} (NaN or Inf) in this batch"
         if self.nonfinite == "raise":
             raise NonFiniteError(message)
+        if not skip:
+            warnings.warn(f"{message}: ignored", RuntimeWarning, stacklevel=3)
+            return False
         warnings.warn(f"{message}: the next step() is skipped", RuntimeWarning, stacklevel=4)
         self._skip = True
         return False

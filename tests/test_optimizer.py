@@ -221,8 +221,12 @@ def test_aggregator_max_norm_clips_the_shared_gradient_only():
     opt = mtl_optim.MTLOptimizer(model.parameters(), aggregator=agg)
     x, ys = batches(k, 1)[0]
     opt.backward(model.losses(x, ys))
+    opt.backward(model.losses(x, ys))  # clipping applies to the accumulated gradient, at step
+    unclipped = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()]).norm()
+    opt.step()
     shared = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()])
     heads = torch.cat([p.grad.reshape(-1) for p in model.heads.parameters()])
+    assert unclipped > 1e-2
     torch.testing.assert_close(shared.norm(), torch.tensor(1e-3, dtype=shared.dtype))
     assert heads.norm() > 1e-2
 

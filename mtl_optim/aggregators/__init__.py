@@ -1,6 +1,6 @@
 """Gradient aggregators: callables on the ``(K, d)`` per-task gradient matrix."""
 
-from ._base import Aggregator, RowWeighting
+from ._base import Aggregator, GramianWeighting, RowWeighting
 from ._cagrad import CAGrad
 from ._imtlg import IMTLG
 from ._mean import Mean
@@ -15,6 +15,7 @@ __all__ = [
     "MGDA",
     "Aggregator",
     "CAGrad",
+    "GramianWeighting",
     "Mean",
     "NashMTL",
     "PCGrad",

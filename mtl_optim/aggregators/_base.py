@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 from .._method import Method
+from ..engine import gramian
 
 
 class Aggregator(Method, ABC):
@@ -50,3 +52,23 @@ class RowWeighting(Aggregator):
 
     def transform(self, jacobian: Tensor) -> Tensor:
         return self.weights(jacobian).unsqueeze(1) * jacobian
+
+
+class GramianWeighting(RowWeighting):
+    r"""A row weighting whose weights depend on ``J`` only through the Gramian :math:`M = JJ^\top`.
+
+    Subclasses implement :meth:`weights_from_gramian`. The optimizer can then use its Gramian
+    route: it forms the ``K×K`` Gramian (float64) without keeping ``J`` for the combination and
+    applies the weights with one backward of :math:`\sum_i w_i L_i`.
+    """
+
+    @abstractmethod
+    def weights_from_gramian(self, gram: Tensor) -> Tensor:
+        """The ``(K,)`` row weights (float64, on ``gram``'s device) from a float64 Gramian."""
+
+    def weights(self, jacobian: Tensor) -> Tensor:
+        j = jacobian.detach()
+        if not j.is_floating_point():
+            j = j.to(torch.float64)
+        w = self.weights_from_gramian(gramian(j))
+        return w.to(device=jacobian.device, dtype=j.dtype)

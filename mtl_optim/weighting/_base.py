@@ -19,6 +19,12 @@ class Weighting(Method, ABC):
     """``W(losses) -> objectives``, both ``(K,)`` tensors; ``W.weights`` the last weights."""
 
     weights: Tensor | None = None
+    #: If set, the optimizer clips the shared parameters' gradient to this norm before each
+    #: step (FAMO's official step does).
+    max_norm: float | None = None
+    #: True for weightings that look at the per-task gradients (GradNorm, DB-MTL): the
+    #: optimizer then computes ``J`` (of the objectives) and passes it through :meth:`observe`.
+    needs_jacobian: bool = False
     #: Options of the param group that ``MTLOptimizer`` creates for :meth:`parameters`
     #: (e.g. ``{"lr": 0.025}``); the base optimizer's defaults fill the rest.
     param_group_options: dict[str, Any] = {}
@@ -53,3 +59,26 @@ class Weighting(Method, ABC):
 
     def end_epoch(self) -> None:  # noqa: B027 - a hook, a no-op unless epoch-based
         """Called by ``MTLOptimizer.end_epoch()``; epoch-based weightings override it."""
+
+    # --- hooks the optimizer calls; all no-ops unless a method needs them ------------------
+    def attach(self, optimizer: Any) -> None:  # noqa: B027
+        """Called once by the ``MTLOptimizer`` that owns this weighting (e.g. to read its lr)."""
+
+    def observe(self, jacobian: Tensor) -> Tensor:
+        r"""See the per-task gradients of the objectives, ``J_{i\cdot} = \nabla o_i``.
+
+        Called only when :attr:`needs_jacobian` is true, on the gradients of the shared
+        parameters (or at ``features``), after every ``backward``. Returns the ``(K, d)`` matrix
+        that the aggregator combines (default: ``J`` unchanged); a method may set gradients of
+        its own learnable parameters here (GradNorm).
+        """
+        return jacobian
+
+    def after_step(self) -> None:  # noqa: B027
+        """Called after every parameter update the optimizer really made (not after skips)."""
+
+    def post_step(self, losses: Tensor) -> None:  # noqa: B027
+        """The losses ``(K,)`` of the same batch re-evaluated after the step (FAMO's update).
+
+        Reached through ``MTLOptimizer.update_weighting(losses)``.
+        """
