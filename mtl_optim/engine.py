@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._streamed_gramian import streamed_gramian
+
 __all__ = ["GroupSlice", "TaskGradients", "as_losses", "gramian", "reachable_params"]
 
 _GRAM_CHUNK = 1 << 22  # elements of J upcast at a time by `gramian`
@@ -274,6 +276,19 @@ class TaskGradients:
 
     def _reduce(self, jacobian: Tensor) -> None:
         """Combine per-task gradients across processes (identity in a single process)."""
+
+    def gramian(self, losses: Sequence[Tensor]) -> Tensor:
+        """``(K, K)`` float64 Gramian of this batch's per-task gradients, without forming ``J``.
+
+        See :mod:`mtl_optim._streamed_gramian`; the graph is kept for a weighted backward.
+        """
+        assert self.shared is not None
+        gram = streamed_gramian(losses, self.shared)
+        self._reduce_gramian(gram)
+        return gram
+
+    def _reduce_gramian(self, gram: Tensor) -> None:
+        """Combine Gramians across processes (identity in a single process)."""
 
     def representation(self, losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
         """``(K, n_z)`` gradients of each loss at the shared representation ``z``."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .aggregators import Aggregator, RowWeighting
+from .aggregators import Aggregator, GramianWeighting, RowWeighting
 from .engine import TaskGradients, as_losses, reachable_params
 from .weighting import Weighting
 
@@ -66,6 +66,15 @@ class MTLOptimizer(Optimizer):
         weighting: a :mod:`mtl_optim.weighting` instance, or ``None``.
         shared: the shared parameters. ``None`` detects them at the first ``backward``: a
             parameter that two or more losses reach in the autograd graph is shared.
+        route: how shared gradients are formed when an aggregator is set. ``"jacobian"``
+            (default) stores the ``(K, d)`` per-task gradients and combines them.
+            ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeighting`
+            aggregators) never stores ``J``: it forms the ``K×K`` Gramian from
+            activation-sized gradients (:mod:`mtl_optim._streamed_gramian`), computes the
+            weights ``w`` and runs one backward of :math:`\sum_i w_i o_i`. It trades about
+            1.1–1.4× the time for memory (``benchmarks/results/aggregators.md``). Calling
+            ``backward`` several times before ``step`` then combines each call's batch on its
+            own (weights per micro-batch) and adds the results.
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
             a loss or gradient is NaN/Inf, leaving parameters and all state untouched;
             ``"raise"`` raises :class:`NonFiniteError` from ``backward``.
@@ -88,6 +97,7 @@ class MTLOptimizer(Optimizer):
         weighting: Weighting | None = None,
         shared: Iterable[Tensor] | None = None,
         nonfinite: str = "skip",
+        route: str = "jacobian",
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base, type) and issubclass(base, Optimizer)):
@@ -102,6 +112,20 @@ class MTLOptimizer(Optimizer):
             raise TypeError(f"weighting must be an mtl_optim.weighting instance, got {weighting!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if route not in ("jacobian", "gramian"):
+            raise ValueError(f"route must be 'jacobian' or 'gramian', got {route!r}")
+        if route == "gramian" and not isinstance(aggregator, GramianWeighting):
+            raise ValueError(
+                "route='gramian' needs an aggregator that depends only on the Gramian "
+                f"(a GramianWeighting, e.g. MGDA, NashMTL, IMTLG), got {aggregator!r}"
+            )
+        if route == "gramian" and (
+            self._per_task_state or (weighting and weighting.needs_jacobian)
+        ):
+            raise ValueError(
+                f"route='gramian' cannot serve {type(self).__name__} with {weighting!r}: it "
+                "needs the per-task gradients themselves"
+            )
         super().__init__(params, {})
         self._base = base(self.param_groups, **base_kwargs)
         if weighting is not None:  # learnable weightings (uncertainty) train with the model
@@ -117,6 +141,7 @@ class MTLOptimizer(Optimizer):
         if weighting is not None:
             weighting.attach(self)
         self.nonfinite = nonfinite
+        self.route = route
         self._shared_arg = None if shared is None else list(shared)
         self._engine = TaskGradients()
         self._upstream: set[int] | None = None  # params above `features`, found on first use
@@ -253,6 +278,8 @@ class MTLOptimizer(Optimizer):
         if not self._engine.ready:
             self._engine.setup(losses, self.param_groups, self._shared_arg)
         mix, heads_loss = self._objectives(losses, values)
+        if self.aggregator is not None and self.aggregator.needs_losses:
+            self.aggregator.set_losses(values)
         if features is not None:
             if self._per_task_state:
                 raise ValueError(
@@ -260,6 +287,8 @@ class MTLOptimizer(Optimizer):
                     "parameters; features= is not supported"
                 )
             self._backward_features(losses, mix, heads_loss, features)
+        elif self.route == "gramian":
+            self._backward_gramian(losses, mix, heads_loss)
         elif self.aggregator is not None or self._per_task_state or self._weighting_needs_j:
             self._backward_jacobian(losses, mix, heads_loss)
         else:
@@ -375,6 +404,26 @@ class MTLOptimizer(Optimizer):
         if self._weighting_needs_j:
             jacobian = self.weighting.observe(jacobian)
         self._engine.write_grads(self._shared_update(jacobian), self._external)
+
+    def _backward_gramian(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor):
+        if not self._backward_heads(heads_loss, self._engine.task_specific):
+            return
+        gram = self._engine.gramian(losses)
+        if not self._finite([gram], "gradient"):
+            return
+        if mix is not None:  # Gramian of the objectives' gradients D J
+            mix64 = mix.to(gram)
+            gram = mix64 @ gram @ mix64.T
+        w = self.aggregator.weights_from_gramian(gram)
+        self.last_weights = w if self.last_weights is None else w * self.last_weights
+        coeff = w if mix is None else w.to(mix.dtype) @ mix
+        shared = self._engine.shared
+        torch.autograd.backward(
+            losses,
+            grad_tensors=[c.to(loss.dtype) for c, loss in zip(coeff.unbind(), losses)],
+            inputs=shared,
+        )
+        self._finite([p.grad for p in shared if p.grad is not None], "gradient")
 
     def _shared_update(self, jacobian: Tensor) -> Tensor:
         """What the shared parameters' ``.grad`` holds after ``backward``."""

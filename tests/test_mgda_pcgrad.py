@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import J_GOLDEN, matrices, train_two_task
+from conftest import J_GOLDEN, batches, make_model, matrices, train_two_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,9 +196,9 @@ def test_mgda_edge_cases_and_validation():
     nan[0, 0] = math.nan
     assert MGDA().weights(nan).isnan().all()
 
-    for bad in ("loss", "loss+"):
+    for needs in ("loss", "loss+"):
         with pytest.raises(ValueError, match="loss values"):
-            MGDA(bad)
+            MGDA(needs).weights(J_GOLDEN)  # no set_losses() and no optimizer
     with pytest.raises(ValueError, match="normalization"):
         MGDA("norm")
     with pytest.raises(ValueError, match="max_iter"):
@@ -348,3 +348,39 @@ def test_training_decreases_both_losses(aggregator):
 
     _, start, end = train_two_task(make_opt, nonlinear=False, steps=100)
     assert all(e < 0.1 * s for s, e in zip(start, end)), (start, end)
+
+
+@pytest.mark.parametrize("norm", ["loss", "loss+"])
+def test_mgda_loss_normalisations_golden(norm):
+    # g1 = (-4, 1, 1), g2 = (6, 1, 1); losses L = (2, 3); ‖g1‖² = 18, ‖g2‖² = 38, g1·g2 = -22.
+    # u_t = g_t / n_t with n = L ("loss") or n = L·‖g‖ ("loss+"); for K = 2 the min-norm point of
+    # the segment is γ u1 + (1-γ) u2 with γ = (D22 - D12) / (D11 + D22 - 2 D12), D = U Uᵀ.
+    losses = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    n = losses if norm == "loss" else losses * torch.tensor([18.0, 38.0]).sqrt()
+    d11, d22, d12 = 18 / n[0] ** 2, 38 / n[1] ** 2, -22 / (n[0] * n[1])
+    gamma = float((d22 - d12) / (d11 + d22 - 2 * d12))
+    agg = MGDA(norm)
+    agg.set_losses(losses)
+    w = agg.weights(J_GOLDEN)
+    torch.testing.assert_close(w, torch.tensor([gamma, 1 - gamma], dtype=torch.float64))
+
+
+def test_mgda_loss_normalisation_gets_the_losses_from_the_optimizer():
+    from mtl_optim import MTLOptimizer
+
+    model = make_model(2)
+    x, ys = batches(2, 1)[0]
+    agg = MGDA("loss")
+    opt = MTLOptimizer(model.parameters(), base=torch.optim.SGD, lr=0.1, aggregator=agg)
+    losses = model.losses(x, ys)
+    opt.backward(losses)
+    shared = list(model.trunk.parameters())
+    jac = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, shared, retain_graph=True)])
+            for v in model.losses(x, ys)
+        ]
+    )
+    ref = MGDA("loss")
+    ref.set_losses(torch.stack([v.detach() for v in losses]))
+    torch.testing.assert_close(opt.last_weights, ref.weights(jac))

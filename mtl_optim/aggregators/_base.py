@@ -21,6 +21,12 @@ class Aggregator(Method, ABC):
     #: If set, the optimizer clips the shared parameters' combined gradient to this norm
     #: (Nash-MTL's official step clips the shared parameters only; spec §2).
     max_norm: float | None = None
+    #: True for methods that also use the loss values (MGDA's "loss" normalisations); the
+    #: optimizer then calls :meth:`set_losses` with the detached ``(K,)`` values before combining.
+    needs_losses: bool = False
+
+    def set_losses(self, losses: Tensor) -> None:  # noqa: B027 - a hook
+        """Receive this batch's detached loss values (only if :attr:`needs_losses`)."""
 
     def __call__(self, jacobian: Tensor) -> Tensor:
         if jacobian.dim() != 2:
@@ -71,4 +77,7 @@ class GramianWeighting(RowWeighting):
         if not j.is_floating_point():
             j = j.to(torch.float64)
         w = self.weights_from_gramian(gramian(j))
+        if j.dtype != torch.float64:  # weights ~ 1/‖g‖ may exceed a half-precision range
+            big = torch.finfo(j.dtype).max
+            w = w.clamp(-big, big)
         return w.to(device=jacobian.device, dtype=j.dtype)

@@ -9,15 +9,14 @@ import torch
 from torch import Tensor
 
 from .._method import positive
-from ..engine import gramian
-from ._base import RowWeighting
+from ._base import GramianWeighting
 from ._simplex import project_to_simplex
 
 _RESCALES = (0, 1, 2)
 _EPS = 1e-8  # the official constants of φ, sqrt(wᵀMw + ·) and λ's denominator
 
 
-class CAGrad(RowWeighting):
+class CAGrad(GramianWeighting):
     r"""CAGrad: the average gradient corrected towards the worst-served task.
 
     Liu et al., *Conflict-Averse Gradient Descent for Multi-task Learning*, NeurIPS 2021,
@@ -83,22 +82,19 @@ class CAGrad(RowWeighting):
         self.max_iter = max_iter
         self.tol = tol
 
-    def weights(self, jacobian: Tensor) -> Tensor:
-        k = jacobian.shape[0]
-        j = jacobian.detach()
-        if not j.is_floating_point():
-            j = j.double()
+    def weights_from_gramian(self, gram_t: Tensor) -> Tensor:
+        k = gram_t.shape[0]
         factor = (k if self.scale_by_k else 1.0) / self._divisor()
         if self.c == 0 or k == 0:
             out = torch.full((k,), factor / max(k, 1), dtype=torch.float64)
         else:
-            gram = gramian(j).cpu().numpy()  # host sync
+            gram = gram_t.cpu().numpy()  # host sync: the solver runs on the CPU in numpy
             w_star = cagrad_simplex(gram, self.c, self.max_iter, self.tol)
             gw_norm = math.sqrt(max(float(w_star @ gram @ w_star), 0.0))
             phi = self.c * math.sqrt(max(float(gram.mean()), 0.0)) + _EPS
             lam = phi / (gw_norm + _EPS)
             out = torch.from_numpy((1.0 / k + lam * w_star) * factor)
-        return out.to(device=jacobian.device, dtype=jacobian.dtype)
+        return out.to(device=gram_t.device, dtype=torch.float64)
 
     def _divisor(self) -> float:
         return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]

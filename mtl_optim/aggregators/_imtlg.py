@@ -6,13 +6,12 @@ import torch
 from torch import Tensor
 
 from .._method import positive
-from ..engine import gramian
-from ._base import RowWeighting
+from ._base import GramianWeighting
 
 _TINY = torch.finfo(torch.float64).tiny  # a squared norm at or below this counts as a zero row
 
 
-class IMTLG(RowWeighting):
+class IMTLG(GramianWeighting):
     r"""IMTL-G weights: :math:`d = J^\top\alpha` with :math:`d\cdot u_i` equal for all tasks.
 
     Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021 (spec §5). With the unit
@@ -64,15 +63,10 @@ class IMTLG(RowWeighting):
     def __init__(self, *, rcond: float = 1e-12) -> None:
         self.rcond = positive("rcond", rcond)
 
-    def weights(self, jacobian: Tensor) -> Tensor:
-        k = jacobian.shape[0]
-        if k <= 1:
-            return torch.ones(k, dtype=jacobian.dtype, device=jacobian.device)
-        j = jacobian.detach()
-        if not j.is_floating_point():
-            j = j.double()
-        alpha = imtlg_weights(gramian(j), self.rcond)
-        return alpha.to(device=jacobian.device, dtype=jacobian.dtype)
+    def weights_from_gramian(self, gram: Tensor) -> Tensor:
+        if gram.shape[0] <= 1:
+            return torch.ones(gram.shape[0], dtype=torch.float64, device=gram.device)
+        return imtlg_weights(gram, self.rcond)
 
     def __repr__(self) -> str:
         return f"IMTLG(rcond={self.rcond})"

@@ -7,13 +7,13 @@ import torch
 from torch import Tensor
 
 from .._method import positive
-from ._base import RowWeighting
+from ._base import GramianWeighting
 from ._simplex import project_to_simplex
 
-_NORMALIZATIONS = ("none", "l2")
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-class MGDA(RowWeighting):
+class MGDA(GramianWeighting):
     r"""MGDA: the minimum-norm point of the convex hull of the task gradients.
 
     Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018,
@@ -29,8 +29,11 @@ class MGDA(RowWeighting):
     and the direction is :math:`\sum_t \alpha^\star_t g_t` on the **un-normalised** rows, so
     the normalisation only changes :math:`\alpha`. ``normalization="none"`` (default, as in the
     Nash-MTL port) takes :math:`n_t = 1`; ``"l2"`` (the port's ``"norm"``) takes
-    :math:`n_t = \lVert g_t \rVert_2`. The ``"loss"`` and ``"loss+"`` variants need the loss
-    values, which the aggregator API does not receive yet, so they are not offered. When
+    :math:`n_t = \lVert g_t \rVert_2`; ``"loss"`` takes the current (detached) loss value
+    :math:`n_t = L_t` and ``"loss+"`` :math:`n_t = L_t \lVert g_t\rVert_2` (the official CelebA
+    setting). The loss values come from the optimizer (:attr:`needs_losses`; the raw losses
+    before any weighting); calling :meth:`weights` directly with a loss normalisation needs
+    :meth:`set_losses` first. When
     :math:`\alpha^\star` is not unique (rank-deficient ``J``) any minimiser may be returned.
 
     At the optimum every task decreases at least as fast as the combined norm, the KKT
@@ -62,7 +65,7 @@ class MGDA(RowWeighting):
     The weights sum to 1 (the official convention; the Nash-MTL port multiplies them by K).
 
     Args:
-        normalization: ``"none"`` or ``"l2"``.
+        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
         max_iter: the most iterations of each solver phase (official ``MAX_ITER``).
         tol: stop when :math:`\lVert\alpha_{k+1} - \alpha_k\rVert_1` is below it
             (official ``STOP_CRIT``).
@@ -81,13 +84,8 @@ class MGDA(RowWeighting):
         exact: bool = True,
     ) -> None:
         if normalization not in _NORMALIZATIONS:
-            hint = (
-                " ('loss' and 'loss+' need loss values, which aggregators do not receive)"
-                if normalization in ("loss", "loss+")
-                else ""
-            )
             raise ValueError(
-                f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}{hint}"
+                f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}"
             )
         if not (isinstance(max_iter, int) and max_iter >= 0):
             raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
@@ -98,32 +96,41 @@ class MGDA(RowWeighting):
         self.tol = tol
         self.eps = eps
         self.exact = exact
+        self.needs_losses = normalization in ("loss", "loss+")
+        self._losses: np.ndarray | None = None
 
-    def weights(self, jacobian: Tensor) -> Tensor:
-        k = jacobian.shape[0]
+    def set_losses(self, losses: Tensor) -> None:
+        self._losses = losses.detach().to("cpu", torch.float64).numpy()
+
+    def weights_from_gramian(self, gram_t: Tensor) -> Tensor:
+        k = gram_t.shape[0]
         if k <= 1:
-            return torch.ones(k, dtype=jacobian.dtype, device=jacobian.device)
-        j = jacobian.detach()
-        if j.dtype not in (torch.float32, torch.float64):
-            j = j.float()
-        gram = (j @ j.T).to("cpu", torch.float64).numpy()
-        if not np.isfinite(gram).all():  # overflow of huge gradients: α is scale-invariant
-            j = j / j.abs().amax()
-            gram = (j @ j.T).to("cpu", torch.float64).numpy()
+            return torch.ones(k, dtype=torch.float64, device=gram_t.device)
+        gram = gram_t.to("cpu", torch.float64).numpy()  # host sync: the solver runs in numpy
         alpha = _min_norm_weights(self._normalize(gram), self.max_iter, self.tol, self.exact)
-        return torch.from_numpy(alpha).to(device=jacobian.device, dtype=jacobian.dtype)
+        return torch.from_numpy(alpha).to(gram_t.device)
 
     def _normalize(self, gram: np.ndarray) -> np.ndarray:
         if self.normalization == "none":
             return gram
-        norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
-        if (norms == 0).any():
+        norms = np.ones(gram.shape[0])
+        if self.normalization in ("l2", "loss+"):
+            norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+        if self.normalization in ("loss", "loss+"):
+            if self._losses is None or self._losses.shape != (gram.shape[0],):
+                raise ValueError(
+                    f"MGDA(normalization={self.normalization!r}) needs this batch's K loss "
+                    "values: use it through MTLOptimizer, or call set_losses(losses) first"
+                )
+            norms = norms * self._losses
+        if (norms <= 0).any():
             warnings.warn(
-                "MGDA(normalization='l2'): a task gradient is zero; its norm is replaced by eps",
+                f"MGDA(normalization={self.normalization!r}): a normaliser (gradient norm or "
+                "loss) is zero or negative; it is replaced by eps",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            norms = np.where(norms == 0, self.eps, norms)
+            norms = np.where(norms <= 0, self.eps, norms)
         return gram / np.outer(norms, norms)
 
     def __repr__(self) -> str:

@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from .._method import positive
-from ..engine import gramian
-from ._base import RowWeighting
+from ._base import GramianWeighting
 
 _SOLVERS = ("newton", "cvxpy")
 
@@ -47,7 +46,7 @@ _ACCEPT = 1e-4  # a final max |alpha_i (M alpha)_i - 1| above this means "no sol
 _DIVERGED = 1e12  # a normalised weight above this means the problem is (numerically) unbounded
 
 
-class NashMTL(RowWeighting):
+class NashMTL(GramianWeighting):
     r"""Nash-MTL weights :math:`\alpha` with :math:`\alpha_i (M\alpha)_i = 1`, :math:`M = JJ^\top`.
 
     Navon et al., ICML 2022, arXiv `2202.01017 <https://arxiv.org/abs/2202.01017>`_ (spec §2).
@@ -178,9 +177,9 @@ class NashMTL(RowWeighting):
 
     # ------------------------------------------------------------------ API
 
-    def weights(self, jacobian: Tensor) -> Tensor:
-        k = jacobian.shape[0]
-        device, dtype = jacobian.device, jacobian.dtype
+    def weights_from_gramian(self, gram: Tensor) -> Tensor:
+        k = gram.shape[0]
+        device = gram.device
         prev = self._alpha
         if prev is not None and prev.shape[0] != k:
             prev = None  # the number of tasks changed: start again from ones
@@ -188,7 +187,6 @@ class NashMTL(RowWeighting):
             if prev is None:
                 prev = torch.ones(k, dtype=torch.float64, device=device)
             prev = prev.to(device)
-            gram = gramian(jacobian.detach())
             if self.solver == "newton":
                 alpha = _newton(gram, prev, self.max_iter, self.tol, self.check_every)
             else:
@@ -197,10 +195,7 @@ class NashMTL(RowWeighting):
         else:
             self._alpha = prev.to(device)
         self._step += 1
-        out = self._alpha
-        if dtype.is_floating_point and dtype != torch.float64:
-            out = out.clamp(max=torch.finfo(dtype).max)  # α ~ 1/‖g‖ may exceed a half range
-        return out.to(dtype)
+        return self._alpha
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self._alpha is None else self._alpha.detach().clone()

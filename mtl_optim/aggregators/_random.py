@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from .._method import Seeded
-from ._base import RowWeighting
+from ._base import GramianWeighting
 
 
-class Random(Seeded, RowWeighting):
+class Random(Seeded, GramianWeighting):
     r"""Random weights :math:`w = \operatorname{softmax}(\tilde\lambda)`,
     :math:`\tilde\lambda \sim \mathcal N(0, I_K)`, drawn afresh at every call.
 
@@ -29,11 +29,9 @@ class Random(Seeded, RowWeighting):
     def __init__(self, *, seed: int | None = None) -> None:
         super().__init__(seed)
 
-    def weights(self, jacobian: Tensor) -> Tensor:
-        k = jacobian.shape[0]
-        logits = torch.randn(k, generator=self.generator, dtype=torch.float64)
-        dtype = jacobian.dtype if jacobian.is_floating_point() else torch.float64
-        return torch.softmax(logits, dim=0).to(device=jacobian.device, dtype=dtype)
+    def weights_from_gramian(self, gram: Tensor) -> Tensor:
+        logits = torch.randn(gram.shape[0], generator=self.generator, dtype=torch.float64)
+        return torch.softmax(logits, dim=0).to(gram.device)
 
     def __repr__(self) -> str:
         return f"Random(seed={self.seed})"
