@@ -349,11 +349,17 @@ class MTLOptimizer(Optimizer):
                 f"{self.weighting!r} returned shape {tuple(objectives.shape)}, "
                 f"expected ({leaf.numel()},)"
             )
-        rows = [
-            torch.autograd.grad(o, leaf, retain_graph=True, allow_unused=True)[0]
-            for o in objectives.unbind()
-        ]
-        mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
+        if self.weighting.separable:  # ∂o/∂L is diagonal: one pass gives it
+            (diag,) = torch.autograd.grad(
+                objectives.sum(), leaf, retain_graph=True, allow_unused=True
+            )
+            mix = torch.diag(torch.zeros_like(leaf) if diag is None else diag)
+        else:
+            rows = [
+                torch.autograd.grad(o, leaf, retain_graph=True, allow_unused=True)[0]
+                for o in objectives.unbind()
+            ]
+            mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
         heads_loss = (mix.sum(0).detach() * stacked).sum()
         if objectives.requires_grad:  # learnable weighting parameters (e.g. uncertainty)
             heads_loss = heads_loss + objectives.sum() - objectives.sum().detach()

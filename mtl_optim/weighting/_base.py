@@ -25,6 +25,9 @@ class Weighting(Method, ABC):
     #: True for weightings that look at the per-task gradients (GradNorm, DB-MTL): the
     #: optimizer then computes ``J`` (of the objectives) and passes it through :meth:`observe`.
     needs_jacobian: bool = False
+    #: True when objective ``o_i`` depends on loss ``L_i`` only (``∂o/∂L`` is diagonal); the
+    #: optimizer then gets ``∂o/∂L`` from one reverse pass instead of K.
+    separable: bool = False
     #: Options of the param group that ``MTLOptimizer`` creates for :meth:`parameters`
     #: (e.g. ``{"lr": 0.025}``); the base optimizer's defaults fill the rest.
     param_group_options: dict[str, Any] = {}

@@ -41,6 +41,8 @@ class DWA(Weighting):
         temperature: :math:`T` (official default 2).
     """
 
+    separable = True
+
     def __init__(self, temperature: float = 2.0) -> None:
         self.temperature = positive("temperature", temperature)
         self._history: list[Tensor] = []  # the last (at most) two epoch means, oldest first

@@ -45,6 +45,8 @@ class IGB(Weighting):
         eps: the floor under the losses (and base losses).
     """
 
+    separable = True
+
     def __init__(self, base_epoch: int = 1, eps: float = LOG_EPS) -> None:
         if isinstance(base_epoch, bool) or not isinstance(base_epoch, int) or base_epoch < 0:
             raise ValueError(f"base_epoch must be an int >= 0, got {base_epoch!r}")

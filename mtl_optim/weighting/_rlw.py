@@ -39,6 +39,8 @@ class RLW(Seeded, Weighting):
         seed: the generator's seed, or ``None``.
     """
 
+    separable = True
+
     def __init__(
         self, distribution: str = "normal", scale: float = 1.0, seed: int | None = None
     ) -> None:

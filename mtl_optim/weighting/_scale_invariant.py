@@ -45,6 +45,8 @@ class ScaleInvariant(Weighting):
         eps: the floor under the losses before the logarithm.
     """
 
+    separable = True
+
     def __init__(self, eps: float = LOG_EPS) -> None:
         self.eps = positive("eps", eps)
 

@@ -29,6 +29,8 @@ class _UncertaintyBase(Weighting):
     Subclasses define the task-to-parameter map in :meth:`task_log_vars`.
     """
 
+    separable = True
+
     #: The class default (Nash-MTL / IGB ``method-params-lr``); instances override it from ``lr``.
     param_group_options: dict[str, Any] = {"lr": 0.025}
 
