@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._distributed import Replicas
 from ._streamed_gramian import streamed_gramian
 
 __all__ = ["GroupSlice", "TaskGradients", "as_losses", "gramian", "reachable_params"]
@@ -162,6 +163,8 @@ class TaskGradients:
         self.dtype: torch.dtype | None = None
         self._jacobian: Tensor | None = None
         self._fresh = True  # the next compute() overwrites instead of accumulating
+        #: ranks to average over (set by the optimizer; ``None`` or inactive: one process)
+        self.replicas: Replicas | None = None
 
     # --- set-up -------------------------------------------------------------------------
     @property
@@ -275,7 +278,10 @@ class TaskGradients:
         _flat_grads(grads, self.shared, out)
 
     def _reduce(self, jacobian: Tensor) -> None:
-        """Combine per-task gradients across processes (identity in a single process)."""
+        """Average per-task gradients across processes: one all-reduce of the ``(K, d)`` block
+        (identity in a single process)."""
+        if self.replicas is not None:
+            self.replicas.mean_([jacobian])
 
     def gramian(self, losses: Sequence[Tensor]) -> Tensor:
         """``(K, K)`` float64 Gramian of this batch's per-task gradients, without forming ``J``.
@@ -288,7 +294,14 @@ class TaskGradients:
         return gram
 
     def _reduce_gramian(self, gram: Tensor) -> None:
-        """Combine Gramians across processes (identity in a single process)."""
+        """Average Gramians across processes (identity in a single process).
+
+        The mean of per-rank Gramians is not the Gramian of the mean gradient (it adds the
+        between-rank spread of the gradients); the Gramian route accepts this to move ``K²``
+        numbers instead of ``K·d`` (see ``MTLOptimizer``'s ``route``).
+        """
+        if self.replicas is not None:
+            self.replicas.mean_([gram])
 
     def representation(self, losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
         """``(K, n_z)`` gradients of each loss at the shared representation ``z``."""
@@ -298,8 +311,7 @@ class TaskGradients:
         for i, loss in enumerate(losses):
             grads = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
             _flat_grads(grads, features, out[i])
-        self._reduce(out)
-        return out
+        return out  # never averaged across ranks: each rank's z holds different samples
 
     def write_grads(self, combined: Tensor, base: list[Tensor | None] | None) -> None:
         """Set each shared param's ``.grad`` to ``base + combined`` (its slice of the d-vector).

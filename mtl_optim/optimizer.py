@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._distributed import Replicas
 from .aggregators import Aggregator, GramianWeighting, RowWeighting
 from .engine import TaskGradients, as_losses, reachable_params
 from .weighting import Weighting
@@ -75,6 +76,8 @@ class MTLOptimizer(Optimizer):
             1.1–1.4× the time for memory (``benchmarks/results/aggregators.md``). Calling
             ``backward`` several times before ``step`` then combines each call's batch on its
             own (weights per micro-batch) and adds the results.
+        process_group: the ``torch.distributed`` group to average over; ``None`` = the default
+            group when one is initialised (see "Distributed training" below).
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
             a loss or gradient is NaN/Inf, leaving parameters and all state untouched;
             ``"raise"`` raises :class:`NonFiniteError` from ``backward``.
@@ -98,6 +101,7 @@ class MTLOptimizer(Optimizer):
         shared: Iterable[Tensor] | None = None,
         nonfinite: str = "skip",
         route: str = "jacobian",
+        process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base, type) and issubclass(base, Optimizer)):
@@ -142,6 +146,8 @@ class MTLOptimizer(Optimizer):
             weighting.attach(self)
         self.nonfinite = nonfinite
         self.route = route
+        self.process_group = process_group
+        self._replicas: Replicas | None = None  # resolved at the first backward
         self._shared_arg = None if shared is None else list(shared)
         self._engine = TaskGradients()
         self._upstream: set[int] | None = None  # params above `features`, found on first use
@@ -251,6 +257,7 @@ class MTLOptimizer(Optimizer):
         if self.weighting is None:
             return
         values = torch.stack([loss.detach() for loss in as_losses(losses, self.num_tasks, False)])
+        self._replicas_().mean_([values])
         if self._finite([values], "loss", skip=False):
             self.weighting.post_step(values)
 
@@ -272,15 +279,24 @@ class MTLOptimizer(Optimizer):
         losses = as_losses(losses, self._engine.num_tasks)
         if self._skip:  # this window already saw a non-finite value; the step is skipped
             return
+        replicas = self._replicas_()
         values = torch.stack([loss.detach() for loss in losses])
+        replicas.mean_([values])  # every rank weights with the same (whole-batch) losses
         if not self._finite([values], "loss"):
             return
         if not self._engine.ready:
             self._engine.setup(losses, self.param_groups, self._shared_arg)
+            self._engine.replicas = replicas
+            replicas.broadcast_state([self.aggregator, self.weighting])
         mix, heads_loss = self._objectives(losses, values)
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(values)
         if features is not None:
+            if replicas.active:
+                raise NotImplementedError(
+                    "features= (representation gradients) is not supported across processes "
+                    "yet: each rank's representation holds different samples"
+                )
             if self._per_task_state:
                 raise ValueError(
                     f"{type(self).__name__} needs per-task gradients of the shared "
@@ -310,6 +326,28 @@ class MTLOptimizer(Optimizer):
         return loss
 
     # --- internals -------------------------------------------------------------------
+    def _replicas_(self) -> Replicas:
+        if self._replicas is None:
+            self._replicas = Replicas(self.process_group)
+        return self._replicas
+
+    def _mean_grads(self, params: list[Tensor]) -> None:
+        """Average ``.grad`` of ``params`` across ranks (a parameter without a gradient on this
+        rank but with one on another takes part with zeros)."""
+        replicas = self._replicas_()
+        if not replicas.active or not params:
+            return
+        device = params[0].device
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(has, group=replicas.group)
+        used = []
+        for p, flag in zip(params, has.tolist()):
+            if flag > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                used.append(p.grad)
+        replicas.mean_(used)
+
     @property
     def _weighting_needs_j(self) -> bool:
         return self.weighting is not None and self.weighting.needs_jacobian
@@ -385,6 +423,7 @@ class MTLOptimizer(Optimizer):
 
     def _backward_sum(self, total: Tensor) -> None:
         total.backward()
+        self._mean_grads([p for g in self.param_groups for p in g["params"] if p.requires_grad])
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._finite([p.grad for p in params], "gradient")
         if self.last_weights is None:
@@ -393,6 +432,7 @@ class MTLOptimizer(Optimizer):
     def _backward_heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> bool:
         if inputs:
             torch.autograd.backward(heads_loss, inputs=inputs, retain_graph=True)
+            self._mean_grads(inputs)
         return self._finite([p.grad for p in inputs if p.grad is not None], "gradient")
 
     def _backward_jacobian(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor):
@@ -429,6 +469,7 @@ class MTLOptimizer(Optimizer):
             grad_tensors=[c.to(loss.dtype) for c, loss in zip(coeff.unbind(), losses)],
             inputs=shared,
         )
+        self._mean_grads(shared)
         self._finite([p.grad for p in shared if p.grad is not None], "gradient")
 
     def _shared_update(self, jacobian: Tensor) -> Tensor:
