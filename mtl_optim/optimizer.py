@@ -148,6 +148,7 @@ class MTLOptimizer(Optimizer):
         self.route = route
         self.process_group = process_group
         self._replicas: Replicas | None = None  # resolved at the first backward
+        self._scale: Tensor | None = None  # the GradScaler's scale during a backward call
         self._shared_arg = None if shared is None else list(shared)
         self._engine = TaskGradients()
         self._upstream: set[int] | None = None  # params above `features`, found on first use
@@ -266,6 +267,7 @@ class MTLOptimizer(Optimizer):
         losses: Sequence[Tensor] | Tensor,
         *,
         features: Tensor | Sequence[Tensor] | None = None,
+        scaler: Any = None,
     ) -> None:
         """Differentiate the K task losses as the method needs and fill every ``.grad``.
 
@@ -275,8 +277,16 @@ class MTLOptimizer(Optimizer):
             features: the shared representation ``z`` (a tensor or tuple of tensors). Given,
                 the aggregator combines the per-task gradients at ``z`` (MGDA-UB style) and the
                 parameters above ``z`` receive the vector-Jacobian product of that combination.
+            scaler: a ``torch.amp.GradScaler`` for mixed precision. Pass the *unscaled*
+                losses; the reverse passes run on ``scaler.scale(loss)``, every method sees
+                unscaled per-task gradients and loss values, and ``.grad`` is left scaled, as
+                after ``scaler.scale(loss).backward()``, so the usual
+                ``scaler.step(opt); scaler.update()`` follows. An overflow (Inf/NaN from the
+                scaling) is left in ``.grad`` for the scaler to find, without a warning, and the
+                step is skipped, as GradScaler does.
         """
         losses = as_losses(losses, self._engine.num_tasks)
+        self._scale = None
         if self._skip:  # this window already saw a non-finite value; the step is skipped
             return
         replicas = self._replicas_()
@@ -288,6 +298,10 @@ class MTLOptimizer(Optimizer):
             self._engine.setup(losses, self.param_groups, self._shared_arg)
             self._engine.replicas = replicas
             replicas.broadcast_state([self.aggregator, self.weighting])
+        if scaler is not None and scaler.is_enabled():
+            one = torch.ones((), dtype=torch.float32, device=losses[0].device)
+            self._scale = scaler.scale(one)
+            losses = [scaler.scale(loss) for loss in losses]
         mix, heads_loss = self._objectives(losses, values)
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(values)
@@ -400,7 +414,10 @@ class MTLOptimizer(Optimizer):
             mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
         heads_loss = (mix.sum(0).detach() * stacked).sum()
         if objectives.requires_grad:  # learnable weighting parameters (e.g. uncertainty)
-            heads_loss = heads_loss + objectives.sum() - objectives.sum().detach()
+            learnable = objectives.sum() - objectives.sum().detach()
+            if self._scale is not None:
+                learnable = learnable * self._scale
+            heads_loss = heads_loss + learnable
         w = self.weighting.weights
         self.last_weights = None if w is None else w.detach()
         return mix.detach(), heads_loss
@@ -445,11 +462,12 @@ class MTLOptimizer(Optimizer):
         jacobian = self._engine.compute(losses)
         if not self._finite([jacobian], "gradient"):
             return
+        jacobian = self._unscale(jacobian)
         if mix is not None:
             jacobian = mix.to(jacobian.dtype) @ jacobian
         if self._weighting_needs_j:
-            jacobian = self.weighting.observe(jacobian)
-        self._engine.write_grads(self._shared_update(jacobian), self._external)
+            jacobian = self._observe(jacobian)
+        self._engine.write_grads(self._rescale(self._shared_update(jacobian)), self._external)
 
     def _backward_gramian(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor):
         if not self._backward_heads(heads_loss, self._engine.task_specific):
@@ -457,6 +475,8 @@ class MTLOptimizer(Optimizer):
         gram = self._engine.gramian(losses)
         if not self._finite([gram], "gradient"):
             return
+        if self._scale is not None:
+            gram = gram / self._scale.to(gram) ** 2
         if mix is not None:  # Gramian of the objectives' gradients D J
             mix64 = mix.to(gram)
             gram = mix64 @ gram @ mix64.T
@@ -498,15 +518,34 @@ class MTLOptimizer(Optimizer):
         grads_z = self._engine.representation(losses, zs)
         if not self._finite([grads_z], "gradient"):
             return
+        grads_z = self._unscale(grads_z)
         if mix is not None:
             grads_z = mix.to(grads_z.dtype) @ grads_z
         if self._weighting_needs_j:
-            grads_z = self.weighting.observe(grads_z)
-        combined = self._combine(grads_z)
+            grads_z = self._observe(grads_z)
+        combined = self._rescale(self._combine(grads_z))
         sizes = [z.numel() for z in zs]
         grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
         torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
         self._finite([p.grad for p in above if p.grad is not None], "gradient")
+
+    def _unscale(self, grads: Tensor) -> Tensor:
+        return grads if self._scale is None else grads / self._scale.to(grads.dtype)
+
+    def _rescale(self, grads: Tensor) -> Tensor:
+        return grads if self._scale is None else grads * self._scale.to(grads.dtype)
+
+    def _observe(self, jacobian: Tensor) -> Tensor:
+        """``weighting.observe``; gradients it sets on its own parameters are scaled like the
+        rest of ``.grad`` when a GradScaler is in use."""
+        params = self.weighting.parameters() if self._scale is not None else []
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        out = self.weighting.observe(jacobian)
+        for p, old in zip(params, before):
+            if p.grad is not None:
+                new = p.grad if old is None else p.grad - old
+                p.grad = (0 if old is None else old) + new * self._scale.to(new.dtype)
+        return out
 
     def _finite(self, tensors: list[Tensor], what: str, skip: bool = True) -> bool:
         """One host sync: are all ``tensors`` finite? If not, skip or raise per ``nonfinite``.
@@ -526,6 +565,15 @@ class MTLOptimizer(Optimizer):
             bad += found.item()
         if bad == 0:
             return True
+        if self._scale is not None and what == "gradient" and skip:
+            # An overflow of the loss scale: GradScaler's business. Make sure it finds the Inf
+            # in .grad (it skips the step and lowers the scale); no warning.
+            for p in self._engine.shared or []:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.fill_(float("inf"))
+            self._skip = True
+            return False
         message = f"non-finite {what} (NaN or Inf) in this batch"
         if self.nonfinite == "raise":
             raise NonFiniteError(message)
