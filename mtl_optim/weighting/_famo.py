@@ -1,0 +1,184 @@
+"""FAMO: fast adaptive multitask optimization."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import Weighting
+from ._epoch_means import pop_state
+from ._uncertainty import _check_num_tasks
+
+#: Added to :math:`L_i - \ell^*_i` before the logarithm (the official code's constant).
+FAMO_EPS = 1e-8
+
+
+class FAMO(Weighting):
+    r"""FAMO (Liu, Liu, Jin, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
+    NeurIPS 2023, arXiv 2306.03792; spec §10).
+
+    State: logits :math:`\xi \in \mathbb R^K` (initially 0) and minimum losses :math:`\ell^*`
+    (default 0). **Model step** (:meth:`forward`, then the optimizer): with
+    :math:`z = \operatorname{softmax}(\xi)` and :math:`D_i = L_i - \ell^*_i + \epsilon`,
+
+    .. math::
+        c = \Bigl(\sum_j \frac{z_j}{D_j}\Bigr)^{-1}, \qquad
+        o_i = c\, z_i \log D_i, \qquad
+        \sum_i \nabla o_i = \sum_i \frac{c\, z_i}{D_i} \nabla L_i ,
+
+    with :math:`c` and :math:`z` constants: a convex combination of the task gradients (the
+    coefficients :math:`c z_i / D_i` sum to 1). The optimizer clips the shared gradient to
+    :attr:`max_norm` (1.0) before the step. **Weight step** (:meth:`post_step`, reached through
+    ``opt.update_weighting(losses)`` with the losses :math:`L'` of the same batch re-evaluated
+    after ``step()``):
+
+    .. math::
+        \delta = J_{\operatorname{softmax}}(\xi)^\top (\log D - \log D')
+               = z \odot \bigl(\Delta - (z^\top \Delta)\mathbf 1\bigr),
+        \quad \Delta = \log D - \log D',
+
+    and :math:`\xi` takes one step of its own Adam (lr ``w_lr``, weight decay ``gamma``) on the
+    gradient :math:`\delta` (the paper's plain form is
+    :math:`\xi \leftarrow \xi - \beta(\delta + \gamma\xi)`). Tasks whose loss fell fastest lose
+    weight.
+
+    :attr:`weights` are :math:`z` (what the official code logs): the coefficients of the log
+    objectives up to the common positive factor :math:`c`.
+
+    Decisions (spec §10): ``gamma`` = 0.001 (the paper and the repository's NYUv2 / QM9 / CelebA
+    runs; Cityscapes used 0.01), ``w_lr`` = 0.025, Adam on :math:`\xi` as the official code,
+    :math:`\epsilon` = 1e-8 added as in the code; a loss with :math:`D_i \le 0` (below its
+    :math:`\ell^*_i`) raises ``ValueError``. A :meth:`post_step` compares with the losses of the
+    last ``backward``; if no optimizer step happened since (a skipped non-finite batch) it
+    warns and leaves :math:`\xi` unchanged; without a ``backward`` since the last weight step it
+    raises ``RuntimeError``.
+
+    State (:meth:`state_dict`): :math:`\xi`, its Adam state, the pending :math:`\log D`.
+
+    Args:
+        num_tasks: :math:`K`.
+        gamma: the weight decay :math:`\gamma` of :math:`\xi`'s Adam.
+        w_lr: the learning rate :math:`\beta` of :math:`\xi`'s Adam.
+        max_norm: the norm the shared gradient is clipped to, or ``None``.
+        min_losses: :math:`\ell^*` (K values), default 0.
+        eps: :math:`\epsilon`.
+        dtype, device: of :math:`\xi` (it must be on the losses' device).
+    """
+
+    separable = True
+
+    def __init__(
+        self,
+        num_tasks: int,
+        gamma: float = 0.001,
+        w_lr: float = 0.025,
+        max_norm: float | None = 1.0,
+        *,
+        min_losses: Sequence[float] | None = None,
+        eps: float = FAMO_EPS,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.num_tasks = _check_num_tasks(num_tasks)
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
+        if not (math.isfinite(w_lr) and w_lr > 0):
+            raise ValueError(f"w_lr must be finite and positive, got {w_lr!r}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive or None, got {max_norm!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.gamma, self.w_lr, self.max_norm, self.eps = gamma, w_lr, max_norm, eps
+        if min_losses is None:
+            self._min_losses: tuple[float, ...] | None = None
+            floor = [0.0] * num_tasks
+        else:
+            floor = [float(v) for v in min_losses]
+            if len(floor) != num_tasks or not all(math.isfinite(v) for v in floor):
+                raise ValueError(f"min_losses must be {num_tasks} finite numbers: {min_losses!r}")
+            self._min_losses = tuple(floor)
+        self.min_losses = torch.tensor(floor, dtype=torch.float64, device=device)
+        self.logits = torch.zeros(num_tasks, dtype=dtype, device=device, requires_grad=True)
+        self._adam = torch.optim.Adam([self.logits], lr=w_lr, weight_decay=gamma)
+        self._log_d: Tensor | None = None  # log D of the last forward, awaiting its weight step
+        self._stepped = False  # whether the optimizer stepped since that forward
+
+    def _shifted(self, losses: Tensor) -> Tensor:
+        r""":math:`D = L - \ell^* + \epsilon`, checked positive."""
+        if losses.numel() != self.num_tasks:
+            raise ValueError(f"{self!r} was built for {self.num_tasks} tasks, got {losses.numel()}")
+        d = losses - self.min_losses.to(losses) + self.eps
+        if bool((d.detach() <= 0).any()):
+            raise ValueError(
+                f"{type(self).__name__} needs every loss above its min_losses value, got "
+                f"{losses.detach().tolist()}"
+            )
+        return d
+
+    def forward(self, losses: Tensor) -> Tensor:
+        d = self._shifted(losses)
+        z = torch.softmax(self.logits.detach(), dim=0).to(losses.dtype)
+        c = 1.0 / (z / d.detach()).sum()
+        log_d = torch.log(d)
+        self._log_d, self._stepped = log_d.detach().clone(), False
+        self.weights = z
+        return c * z * log_d
+
+    def after_step(self) -> None:
+        self._stepped = self._log_d is not None
+
+    def post_step(self, losses: Tensor) -> None:
+        if self._log_d is None:
+            raise RuntimeError(
+                f"{self!r}: update_weighting() needs a backward() and step() since the last "
+                "weight step"
+            )
+        if not self._stepped:
+            warnings.warn(
+                f"{self!r}: no optimizer step since the last backward(); the weight step is "
+                "skipped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        delta = (self._log_d - torch.log(self._shifted(losses.detach()))).to(self.logits)
+        z = torch.softmax(self.logits.detach(), dim=0)
+        self.logits.grad = z * (delta - (z * delta).sum())
+        self._adam.step()
+        self.logits.grad = None
+        self._log_d, self._stepped = None, False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "logits": self.logits.detach().clone(),
+            "adam": copy.deepcopy(self._adam.state_dict()),
+            "log_d": None if self._log_d is None else self._log_d.clone(),
+            "stepped": self._stepped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        mine = pop_state(state, ("logits", "adam", "log_d", "stepped"), self)
+        super().load_state_dict(state)
+        logits = torch.as_tensor(mine["logits"])
+        if logits.shape != self.logits.shape:
+            raise ValueError(f"{self!r}: logits of shape {tuple(logits.shape)} in the state")
+        with torch.no_grad():
+            self.logits.copy_(logits)
+        self._adam.load_state_dict(copy.deepcopy(mine["adam"]))
+        log_d = mine["log_d"]
+        self._log_d = None if log_d is None else log_d.to(self.logits.device, copy=True)
+        self._stepped = bool(mine["stepped"])
+
+    def __repr__(self) -> str:
+        floor = "" if self._min_losses is None else f", min_losses={list(self._min_losses)!r}"
+        return (
+            f"{type(self).__name__}({self.num_tasks}, gamma={self.gamma!r}, w_lr={self.w_lr!r}, "
+            f"max_norm={self.max_norm!r}{floor})"
+        )
