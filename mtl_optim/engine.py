@@ -238,8 +238,15 @@ class TaskGradients:
         """Start a new accumulation window (after ``step`` or ``zero_grad``)."""
         self._fresh = True
 
-    def compute(self, losses: Sequence[Tensor], retain_graph: bool = False) -> Tensor:
-        """Add this batch's per-task gradients of the shared params to ``J`` and return it."""
+    def compute(
+        self, losses: Sequence[Tensor], retain_graph: bool = False, mix: Tensor | None = None
+    ) -> Tensor:
+        """Add this batch's per-task gradients of the shared params to ``J`` and return it.
+
+        ``mix`` (``K×K``, the weighting's ``∂o/∂L`` for this batch) turns the gradients of the
+        losses into those of the objectives before they are added, so that accumulated
+        micro-batches each enter with their own weights.
+        """
         assert self.shared is not None and self.num_tasks is not None
         k, d = self.num_tasks, self.dim
         device = self.shared[0].device if self.shared else losses[0].device
@@ -250,6 +257,8 @@ class TaskGradients:
             self._batched(losses, target, retain_graph)
         else:
             self._loop(losses, target, retain_graph)
+        if mix is not None:
+            target.copy_(mix.to(target.dtype) @ target)
         self._reduce(target)
         if not self._fresh:
             self._jacobian.add_(target)

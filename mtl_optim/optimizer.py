@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -149,6 +150,7 @@ class MTLOptimizer(Optimizer):
         self.process_group = process_group
         self._replicas: Replicas | None = None  # resolved at the first backward
         self._scale: Tensor | None = None  # the GradScaler's scale during a backward call
+        self._window_state: tuple[Any, Any] | None = None  # see _start_of_window
         self._shared_arg = None if shared is None else list(shared)
         self._engine = TaskGradients()
         self._upstream: set[int] | None = None  # params above `features`, found on first use
@@ -182,6 +184,26 @@ class MTLOptimizer(Optimizer):
         self._engine.reset()
         self._external = None
         self._skip = False
+        self._window_state = None
+
+    def _start_of_window(self) -> None:
+        """Accumulation: every ``backward`` of a window re-combines the accumulated gradients,
+        so the aggregator's state and the weighting's random draws are rewound to where the
+        window started before each call; only the last call's combination (what ``step``
+        uses) advances them. Loss-value state of a weighting (epoch means) is not rewound."""
+        agg, wgt = self.aggregator, self.weighting
+        generator = getattr(wgt, "generator", None)
+        if self._window_state is None:
+            self._window_state = (
+                None if agg is None else copy.deepcopy(agg.state_dict()),
+                None if generator is None else generator.get_state(),
+            )
+            return
+        agg_state, gen_state = self._window_state
+        if agg_state is not None:
+            agg.load_state_dict(copy.deepcopy(agg_state))
+        if gen_state is not None:
+            generator.set_state(gen_state)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -302,6 +324,7 @@ class MTLOptimizer(Optimizer):
             one = torch.ones((), dtype=torch.float32, device=losses[0].device)
             self._scale = scaler.scale(one)
             losses = [scaler.scale(loss) for loss in losses]
+        self._start_of_window()
         mix, heads_loss = self._objectives(losses, values)
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(values)
@@ -459,12 +482,10 @@ class MTLOptimizer(Optimizer):
             self._external = [
                 None if p.grad is None else p.grad.clone() for p in self._engine.shared
             ]
-        jacobian = self._engine.compute(losses)
+        jacobian = self._engine.compute(losses, mix=mix)
         if not self._finite([jacobian], "gradient"):
             return
         jacobian = self._unscale(jacobian)
-        if mix is not None:
-            jacobian = mix.to(jacobian.dtype) @ jacobian
         if self._weighting_needs_j:
             jacobian = self._observe(jacobian)
         self._engine.write_grads(self._rescale(self._shared_update(jacobian)), self._external)
