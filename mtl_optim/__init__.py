@@ -4,9 +4,17 @@
 loss weighting; ``AdaTask`` keeps task-wise adaptive state. See ``shared/API.md``.
 """
 
-from . import aggregators, diagnostics, weighting
+from . import aggregators, diagnostics, distill, weighting
 from .adatask import AdaTask
 from .optimizer import MTLOptimizer, NonFiniteError
 
-__all__ = ["AdaTask", "MTLOptimizer", "NonFiniteError", "aggregators", "diagnostics", "weighting"]
+__all__ = [
+    "AdaTask",
+    "MTLOptimizer",
+    "NonFiniteError",
+    "aggregators",
+    "diagnostics",
+    "distill",
+    "weighting",
+]
 __version__ = "0.1.0.dev0"
