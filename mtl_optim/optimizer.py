@@ -150,7 +150,7 @@ class MTLOptimizer(Optimizer):
         self.process_group = process_group
         self._replicas: Replicas | None = None  # resolved at the first backward
         self._scale: Tensor | None = None  # the GradScaler's scale during a backward call
-        self._window_state: tuple[Any, Any] | None = None  # see _start_of_window
+        self._window_state: tuple[Any, Any, Any] | None = None  # see _start_of_window
         self._shared_arg = None if shared is None else list(shared)
         self._engine = TaskGradients()
         self._upstream: set[int] | None = None  # params above `features`, found on first use
@@ -186,6 +186,16 @@ class MTLOptimizer(Optimizer):
         self._skip = False
         self._window_state = None
 
+    def _rollback(self) -> None:
+        """A skipped step leaves no trace: method state goes back to the window start."""
+        if self._window_state is None:
+            return
+        agg_state, _, wgt_state = self._window_state
+        if agg_state is not None:
+            self.aggregator.load_state_dict(copy.deepcopy(agg_state))
+        if wgt_state is not None:
+            self.weighting.load_state_dict(copy.deepcopy(wgt_state))
+
     def _start_of_window(self) -> None:
         """Accumulation: every ``backward`` of a window re-combines the accumulated gradients,
         so the aggregator's state and the weighting's random draws are rewound to where the
@@ -197,9 +207,10 @@ class MTLOptimizer(Optimizer):
             self._window_state = (
                 None if agg is None else copy.deepcopy(agg.state_dict()),
                 None if generator is None else generator.get_state(),
+                copy.deepcopy(wgt.state_dict()) if wgt is not None and wgt.rollback else None,
             )
             return
-        agg_state, gen_state = self._window_state
+        agg_state, gen_state, _ = self._window_state
         if agg_state is not None:
             agg.load_state_dict(copy.deepcopy(agg_state))
         if gen_state is not None:
@@ -594,6 +605,7 @@ class MTLOptimizer(Optimizer):
                     p.grad = torch.zeros_like(p)
                 p.grad.fill_(float("inf"))
             self._skip = True
+            self._rollback()
             return False
         message = f"non-finite {what} (NaN or Inf) in this batch"
         if self.nonfinite == "raise":
@@ -603,4 +615,5 @@ class MTLOptimizer(Optimizer):
             return False
         warnings.warn(f"{message}: the next step() is skipped", RuntimeWarning, stacklevel=4)
         self._skip = True
+        self._rollback()
         return False

@@ -28,6 +28,10 @@ class Weighting(Method, ABC):
     #: True when objective ``o_i`` depends on loss ``L_i`` only (``∂o/∂L`` is diagonal); the
     #: optimizer then gets ``∂o/∂L`` from one reverse pass instead of K.
     separable: bool = False
+    #: The optimizer snapshots :meth:`state_dict` at the start of each step's window and
+    #: restores it when the step is skipped (non-finite values). A method whose state changes
+    #: only in :meth:`after_step` may set this to False to save the copy.
+    rollback: bool = True
     #: Options of the param group that ``MTLOptimizer`` creates for :meth:`parameters`
     #: (e.g. ``{"lr": 0.025}``); the base optimizer's defaults fill the rest.
     param_group_options: dict[str, Any] = {}

@@ -60,6 +60,7 @@ class DBMTL(Weighting):
 
     needs_jacobian = True
     separable = True
+    rollback = False  # the EMA moves only in after_step, never for a skipped step
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = LOG_EPS) -> None:
         if not 0 <= beta < 1:
