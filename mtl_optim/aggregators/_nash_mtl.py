@@ -294,17 +294,24 @@ def _newton(gram: Tensor, prev: Tensor, max_iter: int, tol: float, check: int | 
     inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
     for it in range(max_iter):
         mb = m @ beta
-        if check is not None and it % check == 0:
-            res = (beta * mb - 1.0).abs().amax()
-            # Host sync (one `bool` of a device scalar): the early stop saves most of the
-            # max_iter iterations, since warm-started solves converge in a few. Stop when
-            # converged, and also when hopeless (non-finite, or a weight blew up).
-            if bool((res <= tol) | ~torch.isfinite(res) | (beta.amax() > _DIVERGED)):
-                break
         grad = mb - 1.0 / beta
         chol, info = torch.linalg.cholesky_ex(m + torch.diag(1.0 / beta**2))
         step = -torch.cholesky_solve(grad[:, None], chol)[:, 0]
         lam2 = -(grad @ step)
+        if check is not None and it % check == 0:
+            res = (beta * mb - 1.0).abs().amax()
+            # Host sync (one small device-to-host copy): the early stop saves most of the
+            # max_iter iterations, since warm-started solves converge in a few. Stop when
+            # converged, and also when hopeless (non-finite, or a weight blew up).
+            stats = torch.stack([res, beta.amax(), lam2, info.to(lam2), step.abs().amax()])
+            r, b_max, l2, failed, s_max = stats.tolist()
+            if not (r > tol and math.isfinite(r) and b_max <= _DIVERGED):
+                break
+            if failed == 0 and 0 < l2 < _FULL_STEP**2 and math.isfinite(s_max):
+                # Inside the region of quadratic convergence the full step is safe (it stays
+                # in the Dikin ellipsoid, so α > 0): skip the line search altogether.
+                beta = beta + step
+                continue
         # A non-PD Hessian (only if M is numerically indefinite) or a non-descent step: fall
         # back to the Newton step of the log barrier alone, -β² ∇f, a descent direction.
         bad = (info != 0) | ~(lam2 > 0) | ~torch.isfinite(step).all()
