@@ -4,7 +4,7 @@
 loss weighting; ``AdaTask`` keeps task-wise adaptive state. See ``shared/API.md``.
 """
 
-from . import aggregators, diagnostics, distill, weighting
+from . import aggregators, diagnostics, distill, grouping, weighting
 from .adatask import AdaTask
 from .optimizer import MTLOptimizer, NonFiniteError
 
@@ -15,6 +15,7 @@ __all__ = [
     "aggregators",
     "diagnostics",
     "distill",
+    "grouping",
     "weighting",
 ]
 __version__ = "0.1.0.dev0"

@@ -159,6 +159,13 @@ class MTLOptimizer(Optimizer):
         self.last_weights: Tensor | None = None
 
     # --- torch.optim.Optimizer protocol ------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups; ours live in the base.
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "_base" not in self.__dict__:  # during Optimizer.__init__: the base adds defaults
             super().add_param_group(param_group)

@@ -274,3 +274,21 @@ def test_weighting_parameters_are_registered_trained_and_checkpointed():
     run(model3, w3, data[3:], opt3)
     assert torch.equal(w3.s, w.s)
     assert all(torch.equal(p, q) for p, q in zip(model3.parameters(), model.parameters()))
+
+
+def test_deepcopy_and_pickle_keep_a_working_optimizer():
+    import copy
+    import pickle
+
+    k = 2
+    model = make_model(k)
+    opt = mtl_optim.MTLOptimizer(
+        model.parameters(), base=torch.optim.SGD, lr=0.1, aggregator=mtl_optim.aggregators.MGDA()
+    )
+    x, ys = batches(k, 1)[0]
+    opt.backward(model.losses(x, ys))
+    opt.step()
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.param_groups[0]["lr"] == 0.1 and twin.defaults["lr"] == 0.1
+        assert twin.param_groups[0]["params"][0] is not model.trunk[0].weight
+        torch.testing.assert_close(twin.param_groups[0]["params"][0], model.trunk[0].weight)
