@@ -21,8 +21,8 @@ Our decisions where the official code is silent or wrong (spec §1, pitfalls):
   coupled (L2) as :math:`\lambda\theta/K` added to every task's gradient, so the tasks'
   L2 terms sum to one :math:`\lambda\theta`;
 * ``amsgrad``, ``maximize``, RMSprop ``momentum``/``centered`` and Adagrad ``lr_decay`` /
-  ``initial_accumulator_value`` are honoured per task; ``capturable``, ``differentiable``
-  and ``fused`` raise (the fused path belongs to :mod:`mtl_optim.kernels`);
+  ``initial_accumulator_value`` are honoured per task; ``capturable`` and ``differentiable``
+  raise;
 * per-group ``lr``, betas and ``eps`` are honoured; a task that does not reach a shared
   parameter contributes a zero gradient (its moments still decay);
 * no 1/K factor: with K identical tasks the shared step is K Adam steps, as in the paper.
@@ -31,6 +31,19 @@ With K = 1 every rule performs exactly torch's single-tensor operations, so AdaT
 base bit for bit. With an ``aggregator``, task ``i``'s moments receive row ``i`` of
 ``aggregator.transform(J)`` (e.g. the PCGrad-projected gradient; spec §1, decision 5).
 
+``AdaTask(..., fused=...)`` chooses how the shared update runs: ``None`` (default) uses the
+Triton kernels of :mod:`mtl_optim.kernels` (one pass per param group: the K gradients, the
+per-task moments, the summed step and the parameter write) when Triton is installed and the
+shared parameters are float32/bf16/fp16 CUDA tensors, else the vectorised torch rules below;
+``True`` requires the kernels (CUDA, or ``TRITON_INTERPRET=1`` to run them on CPU through
+Triton's interpreter) and raises otherwise; ``False`` always uses torch. Both compute the same
+numbers up to float32 rounding (see :mod:`mtl_optim.kernels`' twins; bf16/fp16 parameters are
+rounded once by the kernels, twice by the torch path). While an observer is attached (e.g.
+:class:`~mtl_optim.diagnostics.TaskDominance`) the torch rules run, since only they form
+the per-task steps. ``fused`` is a property of this optimizer, never handed to the base (torch's
+own Adam ``fused`` flag, per param group, still drives the task-specific parameters' update),
+and not saved in ``state_dict``: a checkpoint written with either path loads into the other.
+
 Per-task state lives in one ``(K, n)`` buffer per key and param group, in J's column order;
 ``state_dict()["mtl"]["task_state"]`` holds it per group index, and :meth:`AdaTask.task_state`
 gives the per-parameter views.
@@ -38,7 +51,11 @@ gives the per-parameter views.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -136,7 +153,31 @@ def _adagrad(
 
 
 _RULES: dict[type, Rule] = {Adam: _adam, AdamW: _adam, RMSprop: _rmsprop, Adagrad: _adagrad}
-_UNSUPPORTED_FLAGS = ("capturable", "differentiable", "fused")
+_UNSUPPORTED_FLAGS = ("capturable", "differentiable")
+# the mtl_optim.kernels function that fuses each rule
+_KERNELS = {
+    Adam: "adam_update",
+    AdamW: "adam_update",
+    RMSprop: "rmsprop_update",
+    Adagrad: "adagrad_update",
+}
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels() -> ModuleType:
+    """:mod:`mtl_optim.kernels`, imported on first use (Triton is an optional dependency)."""
+    from mtl_optim import kernels
+
+    return kernels
 
 
 class AdaTask(MTLOptimizer):
@@ -155,13 +196,19 @@ class AdaTask(MTLOptimizer):
         self,
         params: Any,
         base: type[torch.optim.Optimizer] = Adam,
+        *,
+        fused: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if base not in _RULES:
             names = ", ".join(sorted(b.__name__ for b in _RULES))
             got = getattr(base, "__name__", repr(base))
             raise TypeError(f"AdaTask supports base in {{{names}}}, got {got}")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
         self._rule = _RULES[base]
+        self._kernel = _KERNELS[base]
         self._task_state: dict[int, dict[str, Tensor]] = {}
         self._task_grads: Tensor | None = None
         self._observers: list[Callable[[GroupSlice, Tensor], None]] = []
@@ -171,6 +218,42 @@ class AdaTask(MTLOptimizer):
         for flag in _UNSUPPORTED_FLAGS:
             if group.get(flag):
                 raise ValueError(f"AdaTask does not support {flag}=True")
+        if self.fused:
+            for p in group["params"]:
+                self._check_fused(p)
+
+    @staticmethod
+    def _check_fused(p: Tensor) -> None:
+        """``fused=True``: every parameter must be one the Triton kernels can update."""
+        if p.dtype not in _FUSED_DTYPES:
+            raise ValueError(
+                f"AdaTask(fused=True) supports float32, bfloat16 and float16 parameters, got "
+                f"{p.dtype}; use fused=False (or None)"
+            )
+        if not _triton_installed():
+            raise RuntimeError(
+                "AdaTask(fused=True) needs Triton: pip install 'mtl_optim[kernels]' (or use "
+                "fused=None/False)"
+            )
+        if p.device.type != "cuda" and not _interpreted():
+            raise RuntimeError(
+                f"AdaTask(fused=True) needs CUDA tensors, got a parameter on {p.device} (set "
+                "TRITON_INTERPRET=1 before importing mtl_optim.kernels to run the kernels on CPU "
+                "through Triton's interpreter, e.g. in tests)"
+            )
+
+    def _fused_for(self, s: GroupSlice, grads: Tensor) -> bool:
+        """Run group slice ``s`` through the Triton kernel (see the module docstring)?"""
+        if self.fused is False or self._observers:
+            return False
+        if self.fused:
+            return True
+        return (
+            grads.is_cuda
+            and grads.dtype == torch.float32
+            and all(p.is_cuda and p.dtype in _FUSED_DTYPES for p in s.params)
+            and _triton_installed()
+        )
 
     def _shared_update(self, jacobian: Tensor) -> Tensor:
         agg = self.aggregator
@@ -206,12 +289,20 @@ class AdaTask(MTLOptimizer):
             state = self._task_state.setdefault(
                 s.group, {"step": torch.zeros((), dtype=torch.float32)}
             )
-            steps, alpha = self._rule(group, rows[:, s.start : s.stop], s.params, state, k)
+            grads = rows[:, s.start : s.stop]
+            if self._fused_for(s, grads):
+                getattr(_kernels(), self._kernel)(group, grads, s.params, state)
+                continue
+            steps, alpha = self._rule(group, grads, s.params, state, k)
             update = steps.sum(0)
             views = [v.to(p.dtype) for v, p in zip(s.split(update), s.params)]
             torch._foreach_add_(list(s.params), views, alpha=alpha)
             for observe in self._observers:
                 observe(s, steps if alpha == 1.0 else steps * alpha)
+
+    def __repr__(self) -> str:
+        head, _, base = super().__repr__().partition("\n")
+        return f"{head[:-1]}, fused={self.fused})\n{base}"
 
     def task_state(self, param: Tensor) -> dict[str, Tensor]:
         """Per-task state of one shared parameter: ``(K, *param.shape)`` views and ``step``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 torch.set_num_threads(1)
+# Triton kernels run through its CPU interpreter without CUDA; this must be set before any
+# @triton.jit decorator runs, i.e. before mtl_optim.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 class HPS(nn.Module):

@@ -244,7 +244,7 @@ def test_unsupported_base_and_flags():
     model = make_model(2)
     with pytest.raises(TypeError, match="Adagrad, Adam, AdamW, RMSprop"):
         mtl_optim.AdaTask(model.parameters(), base=torch.optim.SGD, lr=0.1)
-    with pytest.raises(ValueError, match="fused"):
+    with pytest.raises(ValueError, match="fused"):  # the kernels take fp32/bf16/fp16 only
         mtl_optim.AdaTask(model.parameters(), base=torch.optim.Adam, fused=True)
     opt = mtl_optim.AdaTask(model.parameters())
     x, ys = batches(2, 1)[0]

@@ -71,7 +71,7 @@ def test_scheduler_param_groups_and_zero_grad_behave_as_in_torch():
     opt.add_param_group({"params": [extra], "lr": 0.5})
     assert len(opt._base.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
     assert "betas" in opt.param_groups[1]  # the base filled its defaults
-    assert "AdaTask(base=Adam)" in repr(opt)
+    assert "AdaTask(base=Adam, fused=None)" in repr(opt)
 
 
 def test_bad_input_raises_clear_errors():
