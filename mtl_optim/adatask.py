@@ -82,9 +82,56 @@ def _flat(params: tuple[Tensor, ...]) -> Tensor:
 
 
 def _buffer(state: dict, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
+    if isinstance(state, _Columns):
+        return state.buffer(key, like, fill)
     if key not in state:
         state[key] = torch.full(like.shape, fill, dtype=like.dtype, device=like.device)
     return state[key]
+
+
+#: Columns per chunk of the torch path: the ``(K, cols)`` temporaries of a rule stay around
+#: 1 MiB, in cache, instead of ``K × n`` fresh allocations per op (which cost more than the
+#: arithmetic on CPU: ``benchmarks/results/kernels-cpu.md``).
+_CHUNK_ELEMENTS = 2**18
+
+
+class _Columns(dict):
+    """A rule's view of columns ``[a, b)`` of a group's per-task state.
+
+    ``step`` is a private copy (each chunk advances its own; the optimizer advances the real
+    one once); buffers are created full width in the group state and returned as views.
+    """
+
+    def __init__(self, state: dict, a: int, b: int) -> None:
+        super().__init__(step=state["step"].clone())
+        self.parent, self.a, self.b = state, a, b
+
+    def buffer(self, key: str, like: Tensor, fill: float) -> Tensor:
+        if key not in self.parent:
+            n = self.parent["_width"]
+            self.parent[key] = torch.full(
+                (like.shape[0], n), fill, dtype=like.dtype, device=like.device
+            )
+        return self.parent[key][:, self.a : self.b]
+
+
+def _chunks(params: tuple[Tensor, ...], k: int) -> list[tuple[int, int, tuple[Tensor, ...]]]:
+    """Column ranges of about ``_CHUNK_ELEMENTS / K`` columns, with flat views of the
+    parameter elements they cover (parameters must be contiguous)."""
+    size = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    flat = [p.detach().view(-1) for p in params]
+    total = sum(f.numel() for f in flat)
+    out = []
+    for a in range(0, total, size):
+        b = min(a + size, total)
+        views, offset = [], 0
+        for f in flat:
+            lo, hi = max(a, offset), min(b, offset + f.numel())
+            if lo < hi:
+                views.append(f[lo - offset : hi - offset])
+            offset += f.numel()
+        out.append((a, b, tuple(views)))
+    return out
 
 
 def _l2(group: dict, grads: Tensor, params: tuple, k: int) -> Tensor:
@@ -293,12 +340,32 @@ class AdaTask(MTLOptimizer):
             if self._fused_for(s, grads):
                 getattr(_kernels(), self._kernel)(group, grads, s.params, state)
                 continue
-            steps, alpha = self._rule(group, grads, s.params, state, k)
-            update = steps.sum(0)
-            views = [v.to(p.dtype) for v, p in zip(s.split(update), s.params)]
-            torch._foreach_add_(list(s.params), views, alpha=alpha)
-            for observe in self._observers:
-                observe(s, steps if alpha == 1.0 else steps * alpha)
+            if self._observers or not all(p.is_contiguous() for p in s.params):
+                steps, alpha = self._rule(group, grads, s.params, state, k)
+                update = steps.sum(0)
+                views = [v.to(p.dtype) for v, p in zip(s.split(update), s.params)]
+                torch._foreach_add_(list(s.params), views, alpha=alpha)
+                for observe in self._observers:
+                    observe(s, steps if alpha == 1.0 else steps * alpha)
+                continue
+            # Column chunks: elementwise rules give the same numbers chunk by chunk.
+            state["_width"] = grads.shape[1]
+            try:
+                with torch.no_grad():
+                    for a, b, views in _chunks(s.params, k):
+                        cols = _Columns(state, a, b)
+                        steps, alpha = self._rule(group, grads[:, a:b], views, cols, k)
+                        update = steps.sum(0)
+                        offsets = [0]
+                        for v in views:
+                            offsets.append(offsets[-1] + v.numel())
+                        adds = [
+                            update[o : o + v.numel()].to(v.dtype) for o, v in zip(offsets, views)
+                        ]
+                        torch._foreach_add_(list(views), adds, alpha=alpha)
+            finally:
+                del state["_width"]
+            state["step"].add_(1)
 
     def __repr__(self) -> str:
         head, _, base = super().__repr__().partition("\n")

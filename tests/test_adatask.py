@@ -273,3 +273,34 @@ def test_aggregator_rows_feed_each_tasks_own_moments():
     for a, b in zip(finals["none"], finals["mean"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert not all(torch.equal(a, b) for a, b in zip(finals["none"], finals["mean"]))
+
+
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [
+        (torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
+        (torch.optim.AdamW, {"weight_decay": 0.1}),
+        (torch.optim.RMSprop, {"momentum": 0.9, "centered": True, "weight_decay": 0.1}),
+        (torch.optim.Adagrad, {"lr_decay": 0.01, "weight_decay": 0.1}),
+    ],
+)
+def test_column_chunks_give_the_same_numbers_as_one_pass(monkeypatch, base, kwargs):
+    import mtl_optim.adatask as adatask
+
+    def train(chunk):
+        monkeypatch.setattr(adatask, "_CHUNK_ELEMENTS", chunk)
+        model = make_model(3)
+        opt = mtl_optim.AdaTask(model.parameters(), base=base, lr=1e-2, **kwargs)
+        for x, ys in batches(3, 5):
+            opt.zero_grad()
+            opt.backward(model.losses(x, ys))
+            opt.step()
+        return model, opt
+
+    one, opt_one = train(2**30)
+    many, opt_many = train(7 * 3)  # 7 columns per chunk: chunks straddle parameters
+    for p, q in zip(one.parameters(), many.parameters()):
+        assert torch.equal(p, q)
+    for gi, st in opt_one._task_state.items():
+        for key, v in st.items():
+            assert torch.equal(v, opt_many._task_state[gi][key]), key
