@@ -45,6 +45,15 @@ class Seeded(Method):
         else:
             self.generator.manual_seed(seed)
 
+    def generator_on(self, device: torch.device) -> torch.Generator:
+        """The generator to draw with on ``device``: the CPU generator itself on the CPU;
+        elsewhere a generator on ``device`` seeded with one draw of it (a CPU read, no host
+        sync), so that no random tensor has to be copied to the device."""
+        if device.type == "cpu":
+            return self.generator
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=self.generator))
+        return torch.Generator(device=device).manual_seed(seed)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.get_state()}
 

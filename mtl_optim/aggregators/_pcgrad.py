@@ -63,9 +63,11 @@ class PCGrad(Seeded, Aggregator):
 
         # order[i] lists the tasks j != i in a uniformly random order: argsort of iid uniforms,
         # with i itself pushed to the end and cut off.
-        keys = torch.rand(k, k, generator=self.generator)
+        # On an accelerator the keys are drawn there (no host-to-device copy).
+        dev = gram.device
+        keys = torch.rand(k, k, generator=self.generator_on(dev), device=dev)
         keys.fill_diagonal_(2.0)
-        order = keys.argsort(dim=1)[:, : k - 1].to(gram.device)
+        order = keys.argsort(dim=1)[:, : k - 1]
 
         rows = torch.arange(k, device=gram.device)
         coef = torch.zeros_like(gram)  # ĝ_i = g_i - Σ_j coef[i, j] g_j
