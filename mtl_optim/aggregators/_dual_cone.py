@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._base import GramianWeighting
+
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -188,3 +190,30 @@ def non_negative(name: str, value: float) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
     return float(value)
+
+
+class DualConeWeighting(GramianWeighting):
+    """What UPGrad and DualProj share: a preference vector and the regularised Gramian.
+
+    Subclasses turn :meth:`cone_gramian` and :attr:`preference` into weights.
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | Sequence[float] | None = None,
+        *,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+    ) -> None:
+        self.preference = Preference(pref_vector)
+        self.norm_eps = non_negative("norm_eps", norm_eps)
+        self.reg_eps = non_negative("reg_eps", reg_eps)
+
+    def cone_gramian(self, gram: Tensor) -> Tensor:
+        return regularized_gramian(gram, self.norm_eps, self.reg_eps)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pref_vector={self.preference!r}, norm_eps={self.norm_eps}, "
+            f"reg_eps={self.reg_eps})"
+        )

@@ -2,20 +2,12 @@ r"""DualProj: the (preference-weighted) mean gradient, projected onto the dual c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
-from ._base import GramianWeighting
-from ._dual_cone import (
-    Preference,
-    dual_cone_weights,
-    non_negative,
-    regularized_gramian,
-)
+from ._dual_cone import DualConeWeighting, dual_cone_weights
 
 
-class DualProj(GramianWeighting):
+class DualProj(DualConeWeighting):
     r"""DualProj: :math:`d = \pi_J(J^\top p)`, the weighted mean made non-conflicting.
 
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv
@@ -47,23 +39,6 @@ class DualProj(GramianWeighting):
         reg_eps: the ridge :math:`\epsilon_r` added to the normalised Gramian (TorchJD default).
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        *,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        self.preference = Preference(pref_vector)
-        self.norm_eps = non_negative("norm_eps", norm_eps)
-        self.reg_eps = non_negative("reg_eps", reg_eps)
-
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
         u = self.preference(gram)
-        return dual_cone_weights(u, regularized_gramian(gram, self.norm_eps, self.reg_eps))
-
-    def __repr__(self) -> str:
-        return (
-            f"DualProj(pref_vector={self.preference!r}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
+        return dual_cone_weights(u, self.cone_gramian(gram))

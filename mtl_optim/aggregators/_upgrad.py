@@ -2,22 +2,14 @@ r"""UPGrad: the mean of the task gradients' projections onto the dual cone of al
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from ..engine import gramian
-from ._base import GramianWeighting
-from ._dual_cone import (
-    Preference,
-    dual_cone_weights,
-    non_negative,
-    regularized_gramian,
-)
+from ._dual_cone import DualConeWeighting, dual_cone_weights
 
 
-class UPGrad(GramianWeighting):
+class UPGrad(DualConeWeighting):
     r"""UPGrad: project every :math:`p_i g_i` onto the dual cone of the rows and sum.
 
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv
@@ -55,21 +47,10 @@ class UPGrad(GramianWeighting):
         reg_eps: the ridge :math:`\epsilon_r` added to the normalised Gramian (TorchJD default).
     """
 
-    def __init__(
-        self,
-        pref_vector: Tensor | Sequence[float] | None = None,
-        *,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-    ) -> None:
-        self.preference = Preference(pref_vector)
-        self.norm_eps = non_negative("norm_eps", norm_eps)
-        self.reg_eps = non_negative("reg_eps", reg_eps)
-
     def projection_weights(self, gram: Tensor) -> Tensor:
         """The ``(K, K)`` float64 matrix whose row ``i`` holds :math:`v^{(i)}`."""
         u = torch.diag(self.preference(gram))
-        return dual_cone_weights(u, regularized_gramian(gram, self.norm_eps, self.reg_eps))
+        return dual_cone_weights(u, self.cone_gramian(gram))
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
         return self.projection_weights(gram).sum(dim=0)
@@ -80,9 +61,3 @@ class UPGrad(GramianWeighting):
             j = j.double()
         rows = self.projection_weights(gramian(j))
         return rows.to(device=jacobian.device, dtype=j.dtype) @ j
-
-    def __repr__(self) -> str:
-        return (
-            f"UPGrad(pref_vector={self.preference!r}, norm_eps={self.norm_eps}, "
-            f"reg_eps={self.reg_eps})"
-        )
