@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_optim.adatask import _adagrad, _adam, _rmsprop
+from mtl_optim.adatask import _adagrad, _adam, _rmsprop, chunked_update
 from mtl_optim.engine import gramian as engine_gramian
 
 from ._timing import markdown_table, report, time_fns
@@ -222,11 +222,8 @@ def measure_update(
 
 
 def _torch_step(rule: Callable, group: dict, grads: Tensor, params: tuple, state: dict, k: int):
-    """AdaTask's torch path for one group (``AdaTask._update`` without the bookkeeping)."""
-    steps, alpha = rule(group, grads, params, state, k)
-    sizes = [p.numel() for p in params]
-    views = [u.view_as(p) for u, p in zip(steps.sum(0).split(sizes), params)]
-    torch._foreach_add_(list(params), views, alpha=alpha)
+    """AdaTask's torch path for one group (what ``AdaTask._update`` runs: column chunks)."""
+    chunked_update(rule, group, grads, params, state, k)
 
 
 def measure_gramian(k: int, n: int, device: torch.device, timer: Callable, kernels: Any):

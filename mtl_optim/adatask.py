@@ -199,6 +199,30 @@ def _adagrad(
     return grads.mul(-clr).div_(std), 1.0
 
 
+def chunked_update(
+    rule: Rule, group: dict, grads: Tensor, params: tuple[Tensor, ...], state: dict, k: int
+) -> None:
+    """One torch-path step of a param group, rule applied to cache-sized column chunks.
+
+    Elementwise rules give the same numbers chunk by chunk; ``state["step"]`` advances once.
+    The parameters must be contiguous.
+    """
+    state["_width"] = grads.shape[1]
+    try:
+        with torch.no_grad():
+            for a, b, views in _chunks(params, k):
+                steps, alpha = rule(group, grads[:, a:b], views, _Columns(state, a, b), k)
+                update = steps.sum(0)
+                offsets = [0]
+                for v in views:
+                    offsets.append(offsets[-1] + v.numel())
+                adds = [update[o : o + v.numel()].to(v.dtype) for o, v in zip(offsets, views)]
+                torch._foreach_add_(list(views), adds, alpha=alpha)
+    finally:
+        del state["_width"]
+    state["step"].add_(1)
+
+
 _RULES: dict[type, Rule] = {Adam: _adam, AdamW: _adam, RMSprop: _rmsprop, Adagrad: _adagrad}
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 # the mtl_optim.kernels function that fuses each rule
@@ -348,24 +372,7 @@ class AdaTask(MTLOptimizer):
                 for observe in self._observers:
                     observe(s, steps if alpha == 1.0 else steps * alpha)
                 continue
-            # Column chunks: elementwise rules give the same numbers chunk by chunk.
-            state["_width"] = grads.shape[1]
-            try:
-                with torch.no_grad():
-                    for a, b, views in _chunks(s.params, k):
-                        cols = _Columns(state, a, b)
-                        steps, alpha = self._rule(group, grads[:, a:b], views, cols, k)
-                        update = steps.sum(0)
-                        offsets = [0]
-                        for v in views:
-                            offsets.append(offsets[-1] + v.numel())
-                        adds = [
-                            update[o : o + v.numel()].to(v.dtype) for o, v in zip(offsets, views)
-                        ]
-                        torch._foreach_add_(list(views), adds, alpha=alpha)
-            finally:
-                del state["_width"]
-            state["step"].add_(1)
+            chunked_update(self._rule, group, grads, s.params, state, k)
 
     def __repr__(self) -> str:
         head, _, base = super().__repr__().partition("\n")
