@@ -36,6 +36,25 @@ class HPS(nn.Module):
         return [((out - y) ** 2).mean() for out, y in zip(self(x), ys)]
 
 
+F64 = torch.float64
+
+
+def t(*xs: float) -> torch.Tensor:
+    """A float64 vector, e.g. scripted loss values."""
+    return torch.tensor(xs, dtype=F64)
+
+
+def leaf(*xs: float) -> torch.Tensor:
+    return t(*xs).requires_grad_(True)
+
+
+def jacobian(weighting, losses: torch.Tensor) -> torch.Tensor:
+    """A weighting's ``∂o/∂L`` row by row, as the optimizer computes it."""
+    x = losses.detach().clone().requires_grad_(True)
+    o = weighting(x)
+    return torch.stack([torch.autograd.grad(oi, x, retain_graph=True)[0] for oi in o.unbind()])
+
+
 def make_model(k: int, seed: int = 0, dtype: torch.dtype = torch.float64, **kw) -> HPS:
     torch.manual_seed(seed)
     return HPS(k, **kw).to(dtype)
@@ -128,3 +147,54 @@ def matrices(
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     a = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, d))
     return torch.from_numpy(a * scale)
+
+
+def assert_weighting_resumes(make_weighting, record, before_load=None) -> tuple:
+    """Train the nonlinear two-task problem 8 steps with ``make_weighting()``, checkpoint through
+    ``torch.save``, continue 8 steps; a fresh model and optimizer loaded from the checkpoint
+    must reproduce ``record(opt)`` and the parameters bit for bit. ``before_load(opt)`` may
+    scramble the fresh objects first. Returns the fresh ``(model, opt)``."""
+    import io
+
+    import mtl_optim
+
+    def run(opt, model, x, ys, steps):
+        out = []
+        for step in steps:
+            opt.zero_grad()
+            opt.backward([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
+            opt.step()
+            with torch.no_grad():  # FAMO's weight step; a no-op for the others
+                opt.update_weighting([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
+            out.append(record(opt))
+            if step % 3 == 2:
+                opt.end_epoch()
+        return out
+
+    def build():
+        torch.manual_seed(0)
+        model = TwoTask(nonlinear=True).double()
+        opt = mtl_optim.MTLOptimizer(
+            model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=make_weighting()
+        )
+        return model, opt
+
+    x, ys = two_task_data(nonlinear=True)
+    model, opt = build()
+    run(opt, model, x, ys, range(8))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    ref = run(opt, model, x, ys, range(8, 16))
+    model2, opt2 = build()
+    if before_load is not None:
+        before_load(opt2)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    got = run(opt2, model2, x, ys, range(8, 16))
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    return model2, opt2

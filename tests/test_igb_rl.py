@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import batches, make_model
+from conftest import batches, jacobian, leaf, make_model, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,25 +20,10 @@ from mtl_optim.weighting._sac import SAC, schedule
 F64 = torch.float64
 
 
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=F64)
-
-
-def leaf(*xs: float) -> torch.Tensor:
-    return t(*xs).requires_grad_(True)
-
-
 def generator_copy(g: torch.Generator) -> torch.Generator:
     copy_ = torch.Generator()
     copy_.set_state(g.get_state())
     return copy_
-
-
-def jacobian(weighting, losses: torch.Tensor) -> torch.Tensor:
-    """``∂o/∂L`` row by row, as the optimizer computes it."""
-    x = losses.detach().clone().requires_grad_(True)
-    o = weighting(x)
-    return torch.stack([torch.autograd.grad(oi, x, retain_graph=True)[0] for oi in o.unbind()])
 
 
 def small_agent(k: int, seed: int = 0, **kw) -> SAC:

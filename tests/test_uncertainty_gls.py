@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
-from conftest import TwoTask, train_two_task, two_task_data
+from conftest import assert_weighting_resumes, jacobian, t, train_two_task
 from torch import nn
 
 import mtl_optim
@@ -20,17 +19,6 @@ from mtl_optim.weighting._uncertainty import (
 )
 
 F64 = torch.float64
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=F64)
-
-
-def jacobian(weighting, losses: torch.Tensor) -> torch.Tensor:
-    """``∂o/∂L`` row by row, as the optimizer computes it."""
-    x = losses.detach().clone().requires_grad_(True)
-    o = weighting(x)
-    return torch.stack([torch.autograd.grad(oi, x, retain_graph=True)[0] for oi in o.unbind()])
 
 
 def grad_s(weighting, losses: torch.Tensor) -> torch.Tensor:
@@ -308,46 +296,14 @@ def test_training_through_the_optimizer_decreases_both_losses(name):
 
 @pytest.mark.parametrize("name", [n for n in MAKERS if n != "GLS"])
 def test_optimizer_checkpoint_through_torch_save_resumes_bit_identically(name):
-    def run(opt, model, x, ys, steps):
-        out = []
-        for step in steps:
-            opt.zero_grad()
-            opt.backward([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
-            opt.step()
-            out.append(
-                torch.cat(
-                    [opt.last_weights, *[p.detach().flatten() for p in opt.weighting.parameters()]]
-                )
-            )
-            if step % 3 == 2:
-                opt.end_epoch()
-        return out
+    def record(opt):
+        params = [p.detach().flatten() for p in opt.weighting.parameters()]
+        return torch.cat([opt.last_weights, *params])
 
-    def build():
-        torch.manual_seed(0)
-        model = TwoTask(nonlinear=True).double()
-        opt = mtl_optim.MTLOptimizer(
-            model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=MAKERS[name]()
-        )
-        return model, opt
+    def scramble(opt):
+        with torch.no_grad():
+            for p in opt.weighting.parameters():
+                p.fill_(7.0)  # overwritten by the checkpoint
 
-    x, ys = two_task_data(nonlinear=True)
-    model, opt = build()
-    run(opt, model, x, ys, range(8))
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    ref = run(opt, model, x, ys, range(8, 16))
-    model2, opt2 = build()
-    with torch.no_grad():
-        for p in opt2.weighting.parameters():
-            p.fill_(7.0)  # overwritten by the checkpoint
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
+    _, opt2 = assert_weighting_resumes(MAKERS[name], record, scramble)
     assert opt2.state[opt2.weighting.parameters()[0]]  # the Adam state of s is restored
-    got = run(opt2, model2, x, ys, range(8, 16))
-    for a, b in zip(ref, got):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for p, q in zip(model.parameters(), model2.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)

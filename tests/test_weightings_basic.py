@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TwoTask, train_two_task
+from conftest import TwoTask, jacobian, leaf, t, train_two_task
 
 import mtl_optim
 from mtl_optim.weighting._dwa import DWA
@@ -16,21 +16,6 @@ from mtl_optim.weighting._rlw import RLW
 from mtl_optim.weighting._scale_invariant import ScaleInvariant
 
 F64 = torch.float64
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=F64)
-
-
-def leaf(*xs: float) -> torch.Tensor:
-    return t(*xs).requires_grad_(True)
-
-
-def jacobian(weighting, losses: torch.Tensor) -> torch.Tensor:
-    """``∂o/∂L`` row by row, as the optimizer computes it."""
-    x = losses.detach().clone().requires_grad_(True)
-    o = weighting(x)
-    return torch.stack([torch.autograd.grad(oi, x, retain_graph=True)[0] for oi in o.unbind()])
 
 
 def softmax_by_hand(xs: list[float]) -> list[float]:

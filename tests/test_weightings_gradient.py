@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
-from conftest import J_GOLDEN, TwoTask, matrices, two_task_data
+from conftest import (
+    J_GOLDEN,
+    TwoTask,
+    assert_weighting_resumes,
+    jacobian,
+    leaf,
+    matrices,
+    t,
+    two_task_data,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -21,21 +29,6 @@ from mtl_optim.weighting._stch import STCH
 F64 = torch.float64
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 SQ18, SQ38 = math.sqrt(18.0), math.sqrt(38.0)  # the row norms of J_GOLDEN
-
-
-def t(*xs: float) -> torch.Tensor:
-    return torch.tensor(xs, dtype=F64)
-
-
-def leaf(*xs: float) -> torch.Tensor:
-    return t(*xs).requires_grad_(True)
-
-
-def jacobian(weighting, losses: torch.Tensor) -> torch.Tensor:
-    """``∂o/∂L`` row by row, as the optimizer computes it."""
-    x = losses.detach().clone().requires_grad_(True)
-    o = weighting(x)
-    return torch.stack([torch.autograd.grad(oi, x, retain_graph=True)[0] for oi in o.unbind()])
 
 
 def positive_floats(k: int, lo: float = 0.1, hi: float = 10.0):
@@ -597,40 +590,6 @@ def signature(weighting) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_optimizer_checkpoint_through_torch_save_resumes_bit_identically(name):
-    def run(opt, model, x, ys, steps):
-        out = []
-        for step in steps:
-            opt.zero_grad()
-            opt.backward([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
-            opt.step()
-            with torch.no_grad():
-                opt.update_weighting([((o - y) ** 2).mean() for o, y in zip(model(x), ys)])
-            out.append(torch.cat([opt.last_weights, signature(opt.weighting)]))
-            if step % 3 == 2:
-                opt.end_epoch()
-        return out
-
-    def build():
-        torch.manual_seed(0)
-        model = TwoTask(nonlinear=True).double()
-        opt = mtl_optim.MTLOptimizer(
-            model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=MAKERS[name]()
-        )
-        return model, opt
-
-    x, ys = two_task_data(nonlinear=True)
-    model, opt = build()
-    run(opt, model, x, ys, range(8))
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    ref = run(opt, model, x, ys, range(8, 16))
-    model2, opt2 = build()
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
-    got = run(opt2, model2, x, ys, range(8, 16))
-    for a, b in zip(ref, got):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for p, q in zip(model.parameters(), model2.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert_weighting_resumes(
+        MAKERS[name], lambda opt: torch.cat([opt.last_weights, signature(opt.weighting)])
+    )
