@@ -201,7 +201,7 @@ class MTLOptimizer(Optimizer):
         if agg_state is not None:
             self.aggregator.load_state_dict(copy.deepcopy(agg_state))
         if wgt_state is not None:
-            self.weighting.load_state_dict(copy.deepcopy(wgt_state))
+            self.weighting.restore(wgt_state)
 
     def _start_of_window(self) -> None:
         """Accumulation: every ``backward`` of a window re-combines the accumulated gradients,
@@ -214,7 +214,7 @@ class MTLOptimizer(Optimizer):
             self._window_state = (
                 None if agg is None else copy.deepcopy(agg.state_dict()),
                 None if generator is None else generator.get_state(),
-                copy.deepcopy(wgt.state_dict()) if wgt is not None and wgt.rollback else None,
+                wgt.snapshot() if wgt is not None and wgt.rollback else None,
             )
             return
         agg_state, gen_state, _ = self._window_state

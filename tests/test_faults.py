@@ -164,3 +164,29 @@ def test_nash_mtl_keeps_the_previous_weights_when_the_solver_fails():
     hard = torch.tensor([[1.0, 1e-9], [1e-9, 1e-8]], dtype=F64) @ torch.randn(2, 5, dtype=F64)
     w = agg.weights(hard)  # one Newton step cannot converge from this start
     torch.testing.assert_close(w, converged)
+
+
+@pytest.mark.parametrize("before", [5, 6, 7])
+def test_igb_rl_rolls_back_light_and_full_snapshots(before):
+    # With update_every = 2 from step 6 on, a faulty step 6 would have trained the agent (full
+    # snapshot); steps 5 and 7 only record a transition (light snapshot), into a full ring.
+    model = make_model(K)
+    opt = mtl_optim.MTLOptimizer(
+        model.parameters(),
+        lr=1e-2,
+        weighting=weighting.IGBRL(steps_per_epoch=2, update_every=2, buffer_size=2, seed=0),
+    )
+    data = batches(K, before + 1)
+    for i, (x, ys) in enumerate(data[:before]):
+        opt.zero_grad()
+        opt.backward(model.losses(x, ys))
+        opt.step()
+        if i % 2 == 1:
+            opt.end_epoch()
+    state = copy.deepcopy(opt.state_dict())
+    x, ys = data[before]
+    opt.zero_grad()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.backward(nan_gradient_losses(model, x, ys))
+    opt.step()
+    assert same(opt.state_dict(), state)

@@ -6,6 +6,7 @@ differentiates, e.g. ``w_i * L_i``. It sees losses only, never gradients.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -68,6 +69,15 @@ class Weighting(Method, ABC):
         """Called by ``MTLOptimizer.end_epoch()``; epoch-based weightings override it."""
 
     # --- hooks the optimizer calls; all no-ops unless a method needs them ------------------
+    def snapshot(self) -> Any:
+        """What :meth:`restore` needs to undo the next steps' state changes (for a skipped
+        step; see :attr:`rollback`). Default: a deep copy of :meth:`state_dict`."""
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, snapshot: Any) -> None:
+        """Return to the state :meth:`snapshot` saw."""
+        self.load_state_dict(snapshot)
+
     def attach(self, optimizer: Any) -> None:  # noqa: B027
         """Called once by the ``MTLOptimizer`` that owns this weighting (e.g. to read its lr)."""
 

@@ -204,6 +204,43 @@ class IGBRL(Seeded, Weighting):
         self.weights = w.to(dtype=losses.dtype, device=losses.device)
         return self.weights * safe_log(losses, self.eps)
 
+    def snapshot(self) -> Any:
+        """Cheap unless the next call trains the agent: a forward changes only the counters,
+        the epoch sums, the RNG and one row of the replay buffer (the full state, with the
+        networks and buffer, is copied only before a SAC training round)."""
+        s = self.steps_per_epoch
+        trains = self.step >= self.update_after * s and self.step % self.update_every == 0
+        if self.agent is None or trains:
+            return ("full", super().snapshot())
+        buf = self.agent.buffer
+        row = {key: getattr(buf, key)[buf.ptr].clone() for key in buf.KEYS}
+        light = {
+            "generator": self.generator.get_state(),
+            "epoch": self._epoch.state_dict(),
+            "step": self.step,
+            "last": self._last,
+            "reward_scale": self.reward_scale,
+            "rescale_pending": self._rescale_pending,
+            "weights": self.weights,
+            "buffer": (buf.ptr, buf.size, row),
+        }
+        return ("light", light)
+
+    def restore(self, snapshot: Any) -> None:
+        kind, state = snapshot
+        if kind == "full":
+            super().restore(state)
+            return
+        self.generator.set_state(state["generator"])
+        self._epoch.load_state_dict(state["epoch"])
+        self.step, self._last = state["step"], state["last"]
+        self.reward_scale, self._rescale_pending = state["reward_scale"], state["rescale_pending"]
+        self.weights = state["weights"]
+        buf = self.agent.buffer
+        buf.ptr, buf.size, row = state["buffer"]
+        for key, value in row.items():
+            getattr(buf, key)[buf.ptr] = value
+
     def _agent(self, k: int) -> SAC:
         if self.agent is None:
             self.agent = SAC(
