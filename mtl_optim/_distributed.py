@@ -32,6 +32,13 @@ class Replicas:
 
     def mean_(self, tensors: Sequence[Tensor]) -> None:
         """Average ``tensors`` in place across ranks, one all-reduce per dtype and device."""
+        self._all_reduce(tensors, 1.0 / self.size)
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        """Sum ``tensors`` in place across ranks, one all-reduce per dtype and device."""
+        self._all_reduce(tensors, 1.0)
+
+    def _all_reduce(self, tensors: Sequence[Tensor], factor: float) -> None:
         if not self.active or not tensors:
             return
         buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -41,11 +48,13 @@ class Replicas:
             if len(group) == 1 and group[0].is_contiguous():
                 flat = group[0]
                 torch.distributed.all_reduce(flat, group=self.group)
-                flat.div_(self.size)
+                if factor != 1.0:
+                    flat.mul_(factor)
                 continue
             flat = torch.cat([t.reshape(-1) for t in group])
             torch.distributed.all_reduce(flat, group=self.group)
-            flat.div_(self.size)
+            if factor != 1.0:
+                flat.mul_(factor)
             offset = 0
             for t in group:
                 n = t.numel()

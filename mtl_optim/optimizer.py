@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from ._distributed import Replicas
 from .aggregators import Aggregator, GramianWeighting, RowWeighting
-from .engine import TaskGradients, as_losses, reachable_params
+from .engine import TaskGradients, as_losses, gramian, reachable_params
 from .weighting import Weighting
 
 __all__ = ["MTLOptimizer", "NonFiniteError"]
@@ -347,10 +347,14 @@ class MTLOptimizer(Optimizer):
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(values)
         if features is not None:
-            if replicas.active:
-                raise NotImplementedError(
-                    "features= (representation gradients) is not supported across processes "
-                    "yet: each rank's representation holds different samples"
+            if replicas.active and (
+                not (self.aggregator is None or isinstance(self.aggregator, GramianWeighting))
+                or self._weighting_needs_j
+            ):
+                raise ValueError(
+                    "across processes, features= needs an aggregator that depends only on the "
+                    "Gramian (each rank's representation holds different samples, so only the "
+                    "summed Gramian is global) and a weighting that does not look at gradients"
                 )
             if self._per_task_state:
                 raise ValueError(
@@ -555,18 +559,41 @@ class MTLOptimizer(Optimizer):
         if not self._backward_heads(heads_loss, [p for p in params if id(p) not in self._upstream]):
             return
         grads_z = self._engine.representation(losses, zs)
-        if not self._finite([grads_z], "gradient"):
+        replicas = self._replicas_()
+        if not replicas.active and not self._finite([grads_z], "gradient"):
             return
         grads_z = self._unscale(grads_z)
         if mix is not None:
             grads_z = mix.to(grads_z.dtype) @ grads_z
         if self._weighting_needs_j:
             grads_z = self._observe(grads_z)
-        combined = self._rescale(self._combine(grads_z))
+        if replicas.active and self.aggregator is not None:
+            combined = self._combine_across_ranks(grads_z, replicas)
+            if combined is None:
+                return
+            combined = self._rescale(combined)
+        else:
+            combined = self._rescale(self._combine(grads_z))
         sizes = [z.numel() for z in zs]
         grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
         torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
+        self._mean_grads(above)
         self._finite([p.grad for p in above if p.grad is not None], "gradient")
+
+    def _combine_across_ranks(self, grads_z: Tensor, replicas: Replicas) -> Tensor | None:
+        r"""MGDA-UB across processes. The representation of the whole batch is the ranks'
+        blocks side by side, and a rank's block of :math:`\nabla_z L` is its local gradient
+        divided by the number of ranks R, so the whole batch's Gramian is
+        :math:`\sum_r G_r G_r^\top / R^2` (one all-reduce of ``K×K``). Each rank applies the
+        weights to its own block; the parameters' gradients are then averaged."""
+        gram = gramian(grads_z.detach())
+        replicas.sum_([gram])  # a NaN on any rank reaches every rank: all skip together
+        gram = gram / replicas.size**2
+        if not self._finite([gram], "gradient"):
+            return None
+        w = self.aggregator.weights_from_gramian(gram)
+        self.last_weights = w if self.last_weights is None else w * self.last_weights
+        return w.to(grads_z.dtype) @ grads_z
 
     def _unscale(self, grads: Tensor) -> Tensor:
         return grads if self._scale is None else grads / self._scale.to(grads.dtype)

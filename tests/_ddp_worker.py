@@ -43,6 +43,19 @@ def configs():
             ),
             True,
         ),
+        # MGDA-UB / Nash-MTL on representation gradients: the Gramian is summed over ranks
+        "mgda-ub": (
+            lambda p: mtl_optim.MTLOptimizer(
+                p, base=torch.optim.SGD, lr=0.05, aggregator=aggregators.MGDA()
+            ),
+            True,
+        ),
+        "nash-ub": (
+            lambda p: mtl_optim.MTLOptimizer(
+                p, base=torch.optim.SGD, lr=0.05, aggregator=aggregators.NashMTL()
+            ),
+            True,
+        ),
         # seed=None differs per process: rank 0's generator state is broadcast at the start
         "rlw-unseeded": (
             lambda p: mtl_optim.MTLOptimizer(
@@ -78,6 +91,10 @@ def train(name: str, rank: int = 0, world: int = 1, ddp_wrap: bool = False) -> l
                 outs = net(x)
                 losses = [((o - y) ** 2).mean() for o, y in zip(outs, ys)]
                 opt.backward(losses)
+        elif name.endswith("-ub"):
+            z = model.trunk(x)
+            losses = [((h(z) - y) ** 2).mean() for h, y in zip(model.heads, ys)]
+            opt.backward(losses, features=z)
         else:
             opt.backward(model.losses(x, ys))
         opt.step()
