@@ -21,6 +21,18 @@ class Method:
         return f"{type(self).__name__}()"
 
 
+def clone_state(state: Any) -> Any:
+    """A copy of a ``state_dict``-like tree: tensors cloned, dicts/lists/tuples rebuilt, other
+    leaves (numbers, strings, None) shared. Much cheaper than ``copy.deepcopy`` per step."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(v) for v in state)
+    return state
+
+
 def positive(name: str, value: float) -> float:
     """Validate a strictly positive hyperparameter (NaN is rejected too)."""
     if not value > 0:

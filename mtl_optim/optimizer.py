@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -12,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._distributed import Replicas
+from ._method import clone_state
 from .aggregators import Aggregator, GramianWeighting, RowWeighting
 from .engine import TaskGradients, as_losses, gramian, reachable_params
 from .weighting import Weighting
@@ -199,7 +199,7 @@ class MTLOptimizer(Optimizer):
             return
         agg_state, _, wgt_state = self._window_state
         if agg_state is not None:
-            self.aggregator.load_state_dict(copy.deepcopy(agg_state))
+            self.aggregator.load_state_dict(clone_state(agg_state))
         if wgt_state is not None:
             self.weighting.restore(wgt_state)
 
@@ -212,14 +212,14 @@ class MTLOptimizer(Optimizer):
         generator = getattr(wgt, "generator", None)
         if self._window_state is None:
             self._window_state = (
-                None if agg is None else copy.deepcopy(agg.state_dict()),
+                None if agg is None else clone_state(agg.state_dict()),
                 None if generator is None else generator.get_state(),
                 wgt.snapshot() if wgt is not None and wgt.rollback else None,
             )
             return
         agg_state, gen_state, _ = self._window_state
         if agg_state is not None:
-            agg.load_state_dict(copy.deepcopy(agg_state))
+            agg.load_state_dict(clone_state(agg_state))
         if gen_state is not None:
             generator.set_state(gen_state)
 

@@ -6,14 +6,13 @@ differentiates, e.g. ``w_i * L_i``. It sees losses only, never gradients.
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._method import Method
+from .._method import Method, clone_state
 
 
 class Weighting(Method, ABC):
@@ -71,8 +70,8 @@ class Weighting(Method, ABC):
     # --- hooks the optimizer calls; all no-ops unless a method needs them ------------------
     def snapshot(self) -> Any:
         """What :meth:`restore` needs to undo the next steps' state changes (for a skipped
-        step; see :attr:`rollback`). Default: a deep copy of :meth:`state_dict`."""
-        return copy.deepcopy(self.state_dict())
+        step; see :attr:`rollback`). Default: a copy of :meth:`state_dict`."""
+        return clone_state(self.state_dict())
 
     def restore(self, snapshot: Any) -> None:
         """Return to the state :meth:`snapshot` saw."""
