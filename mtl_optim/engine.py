@@ -243,9 +243,9 @@ class TaskGradients:
     ) -> Tensor:
         """Add this batch's per-task gradients of the shared params to ``J`` and return it.
 
-        ``mix`` (``K×K``, the weighting's ``∂o/∂L`` for this batch) turns the gradients of the
-        losses into those of the objectives before they are added, so that accumulated
-        micro-batches each enter with their own weights.
+        ``mix`` (``K×K``, the weighting's ``∂o/∂L`` for this batch, or its diagonal as a
+        ``(K,)`` vector) turns the gradients of the losses into those of the objectives before
+        they are added, so that accumulated micro-batches each enter with their own weights.
         """
         assert self.shared is not None and self.num_tasks is not None
         k, d = self.num_tasks, self.dim
@@ -257,7 +257,9 @@ class TaskGradients:
             self._batched(losses, target, retain_graph)
         else:
             self._loop(losses, target, retain_graph)
-        if mix is not None:
+        if mix is not None and mix.dim() == 1:  # a diagonal ∂o/∂L: scale the rows in place
+            target.mul_(mix.to(target.dtype)[:, None])
+        elif mix is not None:
             target.copy_(mix.to(target.dtype) @ target)
         self._reduce(target)
         if not self._fresh:

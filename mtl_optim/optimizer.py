@@ -504,7 +504,9 @@ class MTLOptimizer(Optimizer):
             self._external = [
                 None if p.grad is None else p.grad.clone() for p in self._engine.shared
             ]
-        jacobian = self._engine.compute(losses, mix=mix)
+        separable = self.weighting is not None and self.weighting.separable
+        row_mix = mix.diagonal() if mix is not None and separable else mix
+        jacobian = self._engine.compute(losses, mix=row_mix)
         if not self._finite([jacobian], "gradient"):
             return
         jacobian = self._unscale(jacobian)
