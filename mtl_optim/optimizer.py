@@ -54,11 +54,26 @@ class MTLOptimizer(Optimizer):
       Without an aggregator no per-task gradient is computed and the shared parameters get
       :math:`\nabla_{\theta_s}\sum_i o_i` from the same single pass.
 
-    Then ``opt.step()`` lets ``base`` update every parameter. Per-task gradients accumulate over
-    several ``backward`` calls before a ``step`` and are combined on the accumulated matrix, so
-    a method that is nonlinear in :math:`J` sees the gradients of the whole accumulated batch.
-    Gradients already present on shared parameters when a window starts (e.g. from a
-    regulariser's own ``backward``) are kept and added to.
+    Then ``opt.step()`` clips the shared gradient if the aggregator or weighting sets
+    ``max_norm`` and lets ``base`` update every parameter.
+
+    **Accumulation.** Per-task gradients accumulate over several ``backward`` calls before a
+    ``step`` and are combined on the accumulated matrix, so a method that is nonlinear in
+    :math:`J` sees the gradients of the whole accumulated batch; each micro-batch enters
+    weighted by its own :math:`\partial o/\partial L`, and the aggregator's state and the
+    weighting's random draws are rewound to the window start before every call, so they
+    advance once per step. Gradients already present on shared parameters when a window starts
+    (e.g. from a regulariser's own ``backward``) are kept and added to.
+
+    **Distributed training.** With ``torch.distributed`` initialised and more than one rank,
+    every rank averages the loss values, the per-task gradient matrix (one all-reduce; the
+    Gramian in the Gramian route, the summed Gramian of representation gradients with
+    ``features=``) and the task-specific gradients, and takes the method state (RNG, learned
+    agents) from rank 0 at the first ``backward``, so all ranks compute the same update. With
+    ``DistributedDataParallel``, run forward and ``backward`` under ``model.no_sync()``.
+
+    **Mixed precision.** ``opt.backward(losses, scaler=grad_scaler)``, then
+    ``scaler.step(opt); scaler.update()``: methods see unscaled gradients and losses.
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. A group may carry
@@ -74,11 +89,12 @@ class MTLOptimizer(Optimizer):
             aggregators) never stores ``J``: it forms the ``K×K`` Gramian from
             activation-sized gradients (:mod:`mtl_optim._streamed_gramian`), computes the
             weights ``w`` and runs one backward of :math:`\sum_i w_i o_i`. It trades about
-            1.1–1.4× the time for memory (``benchmarks/results/aggregators.md``). Calling
+            1.4–1.7× the Jacobian route's step time for memory
+            (``benchmarks/results/micro.md``, Nash-MTL). Calling
             ``backward`` several times before ``step`` then combines each call's batch on its
             own (weights per micro-batch) and adds the results.
         process_group: the ``torch.distributed`` group to average over; ``None`` = the default
-            group when one is initialised (see "Distributed training" below).
+            group when one is initialised (see "Distributed training" above).
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
             a loss or gradient is NaN/Inf, leaving parameters and all state untouched;
             ``"raise"`` raises :class:`NonFiniteError` from ``backward``.
