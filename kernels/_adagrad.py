@@ -18,7 +18,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check, columns, f64, next_step, round_to, run, scalar, split64
+from ._launch import (
+    check,
+    columns,
+    f64,
+    next_step,
+    round_to,
+    run,
+    scalar,
+    split64,
+    task_gradient,
+)
 from ._launch import state_buffer as _buffer
 
 __all__ = ["adagrad_update"]
@@ -57,11 +67,7 @@ def _adagrad_kernel(
     g_off = cols
     s_off = cols
     for _ in tl.static_range(K):
-        g = tl.load(grads_ptr + g_off, mask=mask, other=0.0)
-        if MAXIMIZE:
-            g = -g
-        if L2:
-            g = g + l2 * theta
+        g = task_gradient(grads_ptr + g_off, mask, theta, l2, MAXIMIZE, L2)
         acc = tl.load(sum_ptr + s_off, mask=mask, other=0.0)
         acc = acc + g * g
         tl.store(sum_ptr + s_off, acc, mask=mask)

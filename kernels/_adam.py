@@ -36,6 +36,7 @@ from ._launch import (
     run,
     scalar,
     split64,
+    task_gradient,
 )
 from ._launch import state_buffer as _buffer
 
@@ -92,11 +93,7 @@ def _adam_kernel(
     g_off = cols
     s_off = cols
     for _ in tl.static_range(K):
-        g = tl.load(grads_ptr + g_off, mask=mask, other=0.0)
-        if MAXIMIZE:
-            g = -g
-        if L2:
-            g = g + l2 * theta
+        g = task_gradient(grads_ptr + g_off, mask, theta, l2, MAXIMIZE, L2)
         m = tl.load(exp_avg_ptr + s_off, mask=mask, other=0.0)
         v = tl.load(exp_avg_sq_ptr + s_off, mask=mask, other=0.0)
         m = lerp(m, g, weight, weight_minus_one, LERP_HIGH)

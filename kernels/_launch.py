@@ -133,6 +133,18 @@ def columns(
 
 
 @triton.jit
+def task_gradient(ptr, mask, theta, l2, MAXIMIZE: tl.constexpr, L2: tl.constexpr):
+    """One task's gradient block as the torch rules see it: negated for ``maximize``, plus the
+    task's share ``l2 * theta`` of coupled weight decay."""
+    g = tl.load(ptr, mask=mask, other=0.0)
+    if MAXIMIZE:
+        g = -g
+    if L2:
+        g = g + l2 * theta
+    return g
+
+
+@triton.jit
 def round_to(x, P: tl.constexpr):
     """Round float32 ``x`` to the parameter dtype ``P``, to nearest even.
 

@@ -20,7 +20,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check, columns, lerp, lerp_weights, next_step, round_to, run, scalar
+from ._launch import (
+    check,
+    columns,
+    lerp,
+    lerp_weights,
+    next_step,
+    round_to,
+    run,
+    scalar,
+    task_gradient,
+)
 from ._launch import state_buffer as _buffer
 
 __all__ = ["rmsprop_update"]
@@ -62,11 +72,7 @@ def _rmsprop_kernel(
     g_off = cols
     s_off = cols
     for _ in tl.static_range(K):
-        g = tl.load(grads_ptr + g_off, mask=mask, other=0.0)
-        if MAXIMIZE:
-            g = -g
-        if L2:
-            g = g + l2 * theta
+        g = task_gradient(grads_ptr + g_off, mask, theta, l2, MAXIMIZE, L2)
         sq = tl.load(square_avg_ptr + s_off, mask=mask, other=0.0)
         sq = sq * alpha + one_minus_alpha * g * g
         tl.store(square_avg_ptr + s_off, sq, mask=mask)
