@@ -17,7 +17,6 @@ and every solver's residual ``max |α ⊙ Mα − 1|``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import warnings
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from mtl_optim import aggregators
 
 from ._timing import markdown_table, report, time_fns
+from .methods import default_instance, exported
 
 NAMES = [
     "Sum", "Mean", "MGDA", "PCGrad", "NashMTL", "CAGrad", "IMTLG", "GradVac", "GradDrop",
@@ -35,11 +35,8 @@ NAMES = [
 
 
 def build(name: str):
-    cls = getattr(aggregators, name, None)
-    if cls is None:
-        return None
-    kwargs = {"seed": 0} if "seed" in inspect.signature(cls).parameters else {}
-    return cls(**kwargs)
+    cls = exported(aggregators).get(name)
+    return None if cls is None else default_instance(cls, num_tasks=2)
 
 
 def time_aggregators(ks, ds, repeat: int) -> str:

@@ -11,8 +11,11 @@ whose classes may not exist in an older checkout; :func:`unavailable` says which
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +23,17 @@ from torch import Tensor, nn
 import mtl_optim
 from mtl_optim import aggregators, weighting
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "STL", "Context", "Method", "build", "unavailable"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "METHODS",
+    "STL",
+    "Context",
+    "Method",
+    "build",
+    "default_instance",
+    "exported",
+    "unavailable",
+]
 
 STL = "stl"
 
@@ -111,3 +124,25 @@ def unavailable(name: str, num_tasks: int = 2) -> str | None:
     except (AttributeError, ImportError) as e:
         return f"{name}: {e}"
     return None
+
+
+def exported(module: ModuleType) -> dict[str, type]:
+    """The concrete method classes that ``mtl_optim.aggregators`` or ``.weighting`` exports."""
+    bases = (aggregators.Aggregator, weighting.Weighting)
+    return {
+        name: cls
+        for name in module.__all__
+        if isinstance(cls := getattr(module, name), type)
+        and issubclass(cls, bases)
+        and not inspect.isabstract(cls)
+        and cls not in (aggregators.RowWeighting, aggregators.GramianWeighting)
+    }
+
+
+def default_instance(cls: type, num_tasks: int, **extra: Any) -> Any:
+    """``cls`` with its defaults, filling the arguments some methods require: ``num_tasks``,
+    ``seed=0``, ``steps_per_epoch=10``, ``n_groups=2``, and whichever of ``extra`` it accepts
+    (e.g. ``dtype``)."""
+    given = {"num_tasks": num_tasks, "seed": 0, "steps_per_epoch": 10, "n_groups": 2, **extra}
+    accepted = inspect.signature(cls).parameters
+    return cls(**{key: value for key, value in given.items() if key in accepted})

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import time
 
 import torch
@@ -25,6 +24,7 @@ import mtl_optim
 from mtl_optim import aggregators, weighting
 
 from ._timing import SharedMLP, make_batch, markdown_table, mse_losses, report, time_fns
+from .methods import default_instance, exported
 
 NAMES = [
     "Equal", "ScaleInvariant", "Uncertainty", "GroupedUncertainty", "ConstrainedUncertainty",
@@ -38,23 +38,8 @@ LOSS_ONLY = {
 
 def build(name: str, k: int, steps_per_epoch: int):
     """A default instance of weighting ``name`` for K tasks (None if not available)."""
-    cls = getattr(weighting, name, None)
-    if cls is None:
-        return None
-    sig = inspect.signature(cls).parameters
-    kwargs = {}
-    if "num_tasks" in sig:
-        kwargs["num_tasks"] = k
-    if "seed" in sig:
-        kwargs["seed"] = 0
-    if "steps_per_epoch" in sig:
-        kwargs["steps_per_epoch"] = steps_per_epoch
-    if "n_groups" in sig:
-        kwargs["n_groups"] = 2
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        return None
+    cls = exported(weighting).get(name)
+    return None if cls is None else default_instance(cls, k, steps_per_epoch=steps_per_epoch)
 
 
 def make_step(model, opt, x, ys, post_step: bool):

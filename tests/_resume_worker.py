@@ -6,7 +6,6 @@ python _resume_worker.py second <dir>   # fresh objects, load, M more steps, sav
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from conftest import batches, make_model
 
 import mtl_optim
+from benchmarks.methods import default_instance, exported
 from mtl_optim import aggregators, weighting
 
 K = 3
@@ -21,36 +21,18 @@ N, M = 6, 6
 EPOCH = 3
 
 
-def _build(cls, **extra):
-    sig = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in extra.items() if k in sig}
-    if "seed" in sig:
-        kwargs["seed"] = 0
-    if "num_tasks" in sig:
-        kwargs["num_tasks"] = K
-    if "steps_per_epoch" in sig:
-        kwargs["steps_per_epoch"] = EPOCH
-    if "n_groups" in sig:
-        kwargs["n_groups"] = 2
-    if "dtype" in sig:
-        kwargs["dtype"] = torch.float64
-    return cls(**kwargs)
+def _build(cls):
+    return default_instance(cls, K, steps_per_epoch=EPOCH, dtype=torch.float64)
 
 
 def methods():
     """name -> optimizer factory, for every exported aggregator and weighting, and AdaTask."""
     out = {}
-    for name in aggregators.__all__:
-        cls = getattr(aggregators, name)
-        if inspect.isabstract(cls) or name in ("Aggregator", "RowWeighting", "GramianWeighting"):
-            continue
+    for name, cls in exported(aggregators).items():
         out[f"agg-{name}"] = lambda p, cls=cls: mtl_optim.MTLOptimizer(
             p, base=torch.optim.SGD, lr=0.05, momentum=0.9, aggregator=_build(cls)
         )
-    for name in weighting.__all__:
-        cls = getattr(weighting, name)
-        if inspect.isabstract(cls) or name == "Weighting":
-            continue
+    for name, cls in exported(weighting).items():
         out[f"w-{name}"] = lambda p, cls=cls: mtl_optim.MTLOptimizer(
             p, base=torch.optim.Adam, lr=1e-2, weighting=_build(cls)
         )

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from conftest import matrices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.methods import default_instance, exported
 from mtl_optim import aggregators
 
-NAMES = [
-    n
-    for n in aggregators.__all__
-    if n not in ("Aggregator", "RowWeighting", "GramianWeighting")
-    and not inspect.isabstract(getattr(aggregators, n))
-]
+NAMES = sorted(exported(aggregators))
 #: methods whose output depends on random draws (a permuted input draws differently)
 RANDOM = {"Random", "PCGrad", "GradDrop", "GradVac"}
 
 
 def build(name):
-    cls = getattr(aggregators, name)
-    return cls(seed=0) if "seed" in inspect.signature(cls).parameters else cls()
+    return default_instance(exported(aggregators)[name], num_tasks=3)
 
 
 @pytest.mark.parametrize("name", NAMES)

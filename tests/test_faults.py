@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
 from conftest import batches, make_model
 
 import mtl_optim
+from benchmarks.methods import default_instance, exported
 from mtl_optim import aggregators, weighting
 
 K = 3
@@ -24,16 +24,10 @@ F64 = torch.float64
 
 
 def _aggregator(name):
-    cls = getattr(aggregators, name)
-    return cls(seed=0) if "seed" in inspect.signature(cls).parameters else cls()
+    return default_instance(exported(aggregators)[name], K)
 
 
-AGGREGATORS = [
-    n
-    for n in aggregators.__all__
-    if n not in ("Aggregator", "RowWeighting", "GramianWeighting")
-    and not inspect.isabstract(getattr(aggregators, n))
-]
+AGGREGATORS = sorted(exported(aggregators))
 
 CONFIGS = {
     "adatask+pcgrad+igb": lambda p: mtl_optim.AdaTask(

@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from conftest import batches, make_model
 
 import mtl_optim
+from benchmarks.methods import default_instance, exported
 from mtl_optim import weighting
 
 F64 = torch.float64
 
 
 def instances(k: int):
-    """A default instance of every exported weighting that can be built for K tasks."""
-    out = {}
-    for name in weighting.__all__:
-        cls = getattr(weighting, name)
-        if not (isinstance(cls, type) and issubclass(cls, weighting.Weighting)):
-            continue
-        if inspect.isabstract(cls):
-            continue
-        sig = inspect.signature(cls).parameters
-        kwargs = {}
-        if "num_tasks" in sig:
-            kwargs["num_tasks"] = k
-        if "seed" in sig:
-            kwargs["seed"] = 0
-        if "steps_per_epoch" in sig:
-            kwargs["steps_per_epoch"] = 2
-        if "dtype" in sig:
-            kwargs["dtype"] = F64
-        if "n_groups" in sig:
-            kwargs["n_groups"] = 2
-        out[name] = cls(**kwargs)
-    return out
+    """A default instance of every exported weighting, for K tasks."""
+    return {
+        name: default_instance(cls, k, steps_per_epoch=2, dtype=F64)
+        for name, cls in exported(weighting).items()
+    }
 
 
 @pytest.mark.parametrize("name", sorted(instances(3)))
