@@ -346,6 +346,27 @@ class MTLOptimizer(Optimizer):
         if self._skip:  # this window already saw a non-finite value; the step is skipped
             return
         replicas = self._replicas_()
+        if features is not None:  # validated before any state moves
+            features = [features] if isinstance(features, Tensor) else list(features)
+            if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
+                raise ValueError(
+                    "features must be the shared representation: tensor(s) inside the autograd "
+                    "graph between the shared trunk and the task heads"
+                )
+            if replicas.active and (
+                not (self.aggregator is None or isinstance(self.aggregator, GramianWeighting))
+                or self._weighting_needs_j
+            ):
+                raise ValueError(
+                    "across processes, features= needs an aggregator that depends only on the "
+                    "Gramian (each rank's representation holds different samples, so only the "
+                    "summed Gramian is global) and a weighting that does not look at gradients"
+                )
+            if self._per_task_state:
+                raise ValueError(
+                    f"{type(self).__name__} needs per-task gradients of the shared "
+                    "parameters; features= is not supported"
+                )
         values = torch.stack([loss.detach() for loss in losses])
         replicas.mean_([values])  # every rank weights with the same (whole-batch) losses
         if not self._finite([values], "loss"):
@@ -363,20 +384,6 @@ class MTLOptimizer(Optimizer):
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(values)
         if features is not None:
-            if replicas.active and (
-                not (self.aggregator is None or isinstance(self.aggregator, GramianWeighting))
-                or self._weighting_needs_j
-            ):
-                raise ValueError(
-                    "across processes, features= needs an aggregator that depends only on the "
-                    "Gramian (each rank's representation holds different samples, so only the "
-                    "summed Gramian is global) and a weighting that does not look at gradients"
-                )
-            if self._per_task_state:
-                raise ValueError(
-                    f"{type(self).__name__} needs per-task gradients of the shared "
-                    "parameters; features= is not supported"
-                )
             self._backward_features(losses, mix, heads_loss, features)
         elif self.route == "gramian":
             self._backward_gramian(losses, mix, heads_loss)
@@ -562,14 +569,8 @@ class MTLOptimizer(Optimizer):
         losses: list[Tensor],
         mix: Tensor | None,
         heads_loss: Tensor,
-        features: Tensor | Sequence[Tensor],
+        zs: list[Tensor],
     ) -> None:
-        zs = [features] if isinstance(features, Tensor) else list(features)
-        if not zs or not all(isinstance(z, Tensor) and z.requires_grad for z in zs):
-            raise ValueError(
-                "features must be the shared representation: tensor(s) inside the autograd "
-                "graph between the shared trunk and the task heads"
-            )
         if self._upstream is None:
             self._upstream = set().union(*(reachable_params(z) for z in zs))
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]

@@ -292,3 +292,15 @@ def test_deepcopy_and_pickle_keep_a_working_optimizer():
         assert twin.param_groups[0]["lr"] == 0.1 and twin.defaults["lr"] == 0.1
         assert twin.param_groups[0]["params"][0] is not model.trunk[0].weight
         torch.testing.assert_close(twin.param_groups[0]["params"][0], model.trunk[0].weight)
+
+
+def test_bad_features_are_rejected_before_any_method_state_moves():
+    k = 2
+    model = make_model(k)
+    rlw = mtl_optim.weighting.RLW(seed=0)
+    opt = mtl_optim.MTLOptimizer(model.parameters(), weighting=rlw)
+    before = rlw.generator.get_state()
+    x, ys = batches(k, 1)[0]
+    with pytest.raises(ValueError, match="features"):
+        opt.backward(model.losses(x, ys), features=x)  # the input does not require grad
+    assert torch.equal(rlw.generator.get_state(), before)
