@@ -106,7 +106,10 @@ def two_task_data(nonlinear: bool = False):
 
 
 def train_two_task(make_opt, *, nonlinear: bool, steps: int, epoch_every: int | None = None):
-    """Train a seeded ``TwoTask`` with ``make_opt(model)``; the K losses before and after."""
+    """Train a seeded ``TwoTask`` with ``make_opt(model)``; the K losses before and after.
+
+    After every ``step`` the same batch's losses go to ``opt.update_weighting`` (FAMO's weight
+    step; a no-op for other methods)."""
     torch.manual_seed(0)
     model = TwoTask(nonlinear).double()
     x, ys = two_task_data(nonlinear)
@@ -120,6 +123,8 @@ def train_two_task(make_opt, *, nonlinear: bool, steps: int, epoch_every: int | 
         opt.zero_grad()
         opt.backward(losses())
         opt.step()
+        with torch.no_grad():
+            opt.update_weighting(losses())
         if epoch_every is not None and step % epoch_every == epoch_every - 1:
             opt.end_epoch()
     return opt, first, [v.item() for v in losses()]

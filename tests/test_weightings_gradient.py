@@ -14,6 +14,7 @@ from conftest import (
     leaf,
     matrices,
     t,
+    train_two_task,
     two_task_data,
 )
 from hypothesis import assume, given, settings
@@ -469,26 +470,9 @@ def test_separable_objectives_have_a_diagonal_loss_jacobian(make):
 
 
 # --- through the optimizer ---------------------------------------------------------------
-def train(make_opt, steps: int = 150, epoch_every: int = 10):
-    """Train a seeded nonlinear ``TwoTask``; FAMO's weight step after every ``step``."""
-    torch.manual_seed(0)
-    model = TwoTask(nonlinear=True).double()
-    x, ys = two_task_data(nonlinear=True)
-    opt = make_opt(model)
-
-    def losses() -> list[torch.Tensor]:
-        return [((out - y) ** 2).mean() for out, y in zip(model(x), ys)]
-
-    first = [v.item() for v in losses()]
-    for step in range(steps):
-        opt.zero_grad()
-        opt.backward(losses())
-        opt.step()
-        with torch.no_grad():
-            opt.update_weighting(losses())
-        if step % epoch_every == epoch_every - 1:
-            opt.end_epoch()
-    return opt, first, [v.item() for v in losses()]
+def train(make_opt):
+    """A 150-step run of the nonlinear two-task problem, epochs of 10 steps."""
+    return train_two_task(make_opt, nonlinear=True, steps=150, epoch_every=10)
 
 
 MAKERS = {
