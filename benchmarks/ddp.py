@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -71,6 +72,7 @@ def worker(rank: int, world: int, init: str, out: str, grid, steps: int) -> None
                 result[(name, width, batch)] = timed_steps(name, width, batch, steps, rank, world)
         if rank == 0:
             torch.save(result, out)
+        torch.distributed.barrier()  # both ranks leave together: gloo aborts on a lone exit
     finally:
         torch.distributed.destroy_process_group()
 
@@ -87,7 +89,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.pt")
-        init = f"file://{os.path.join(tmp, 'init')}"
+        with socket.socket() as sock:  # a free loopback port for the TCP store
+            sock.bind(("127.0.0.1", 0))
+            init = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
         mp.spawn(worker, args=(2, init, out, grid, steps), nprocs=2, join=True)
         double = torch.load(out)
     rows = []

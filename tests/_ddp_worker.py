@@ -103,14 +103,15 @@ def train(name: str, rank: int = 0, world: int = 1, ddp_wrap: bool = False) -> l
     return [p.detach().clone() for p in model.parameters()]
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
+def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        "gloo", init_method=init_method, rank=rank, world_size=world
     )
     try:
         results = {name: train(name, rank, world) for name in names}
         results["adatask-ddp-wrapped"] = train("adatask", rank, world, ddp_wrap=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.distributed.barrier()  # both ranks leave together: gloo aborts on a lone exit
     finally:
         torch.distributed.destroy_process_group()

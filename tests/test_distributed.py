@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,7 +18,11 @@ pytestmark = pytest.mark.skipif(
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     names = list(configs())
-    mp.spawn(worker, args=(2, str(tmp / "init"), str(tmp), names), nprocs=2, join=True)
+    with socket.socket() as s:  # a free port for the TCP store on the loopback interface
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init = f"tcp://127.0.0.1:{port}"
+    mp.spawn(worker, args=(2, init, str(tmp), names), nprocs=2, join=True)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
