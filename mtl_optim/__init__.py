@@ -5,11 +5,13 @@ loss weighting; ``AdaTask`` keeps task-wise adaptive state. See ``shared/API.md`
 """
 
 from . import aggregators, diagnostics, distill, grouping, weighting
+from ._gradient_info import GradientInfo
 from .adatask import AdaTask
 from .optimizer import MTLOptimizer, NonFiniteError
 
 __all__ = [
     "AdaTask",
+    "GradientInfo",
     "MTLOptimizer",
     "NonFiniteError",
     "aggregators",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._distributed import Replicas
+from ._gradient_info import GradientHook, GradientInfo
 from ._method import clone_state
 from .aggregators import Aggregator, GramianWeighting, RowWeighting
 from .engine import TaskGradients, as_losses, gramian, reachable_params
@@ -173,6 +175,9 @@ class MTLOptimizer(Optimizer):
         self._external: list[Tensor | None] | None = None
         self._skip = False
         self.last_weights: Tensor | None = None
+        # an OrderedDict: RemovableHandle keeps a weak reference to it
+        self._gradient_hooks: OrderedDict[int, tuple[GradientHook, bool]] = OrderedDict()
+        self._gram: Tensor | None = None  # the Gramian route's last Gramian, for hooks
 
     # --- torch.optim.Optimizer protocol ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -293,6 +298,46 @@ class MTLOptimizer(Optimizer):
         """The shared parameters (empty until the first ``backward`` detects them)."""
         return list(self._engine.shared or [])
 
+    def register_gradient_hook(
+        self, hook: GradientHook, *, needs_jacobian: bool = True
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(optimizer, info)`` at the end of every ``backward`` that is not skipped.
+
+        ``info`` is a :class:`~mtl_optim.GradientInfo`: the loss values, the per-task gradient
+        matrix ``J`` of the shared parameters (when this call formed one), its Gramian, the task
+        weights and the shared parameters. This is the extension point for tools that read
+        per-task gradients (diagnostics, pruning) without a backward pass of their own.
+
+        ``needs_jacobian=True`` makes ``backward`` form ``J`` even where the method alone needs
+        no per-task gradient (no aggregator, or a loss weighting only): K reverse passes instead
+        of one, and the shared parameters then receive the sum of ``J``'s rows, equal to the
+        single-pass gradient up to floating-point rounding. The Gramian route and ``features=``
+        never form ``J``; there ``info.jacobian`` is ``None`` (the Gramian route still gives
+        ``info.gramian``). Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        handle = torch.utils.hooks.RemovableHandle(self._gradient_hooks)
+        self._gradient_hooks[handle.id] = (hook, bool(needs_jacobian))
+        return handle
+
+    @property
+    def _hooks_need_jacobian(self) -> bool:
+        return any(needs for _, needs in self._gradient_hooks.values())
+
+    def _call_gradient_hooks(self, values: Tensor, features: bool) -> None:
+        if not self._gradient_hooks or self._skip:
+            return
+        jacobian = None if features else self._engine.jacobian
+        info = GradientInfo(
+            losses=values,
+            jacobian=None if jacobian is None else self._unscale(jacobian),
+            weights=self.last_weights,
+            shared=tuple(self._engine.shared or ()),
+            slices=tuple(self._engine.slices),
+            _gramian=self._gram,
+        )
+        for hook, _ in list(self._gradient_hooks.values()):
+            hook(self, info)
+
     def end_epoch(self) -> None:
         """Tell epoch-based methods (IGB, DWA) that an epoch ended."""
         if self.weighting is not None:
@@ -383,14 +428,21 @@ class MTLOptimizer(Optimizer):
         mix, heads_loss = self._objectives(losses, values)
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(values)
+        self._gram = None
         if features is not None:
             self._backward_features(losses, mix, heads_loss, features)
         elif self.route == "gramian":
             self._backward_gramian(losses, mix, heads_loss)
-        elif self.aggregator is not None or self._per_task_state or self._weighting_needs_j:
+        elif (
+            self.aggregator is not None
+            or self._per_task_state
+            or self._weighting_needs_j
+            or self._hooks_need_jacobian
+        ):
             self._backward_jacobian(losses, mix, heads_loss)
         else:
             self._backward_sum(heads_loss)
+        self._call_gradient_hooks(values, features is not None)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
@@ -548,6 +600,7 @@ class MTLOptimizer(Optimizer):
         if mix is not None:  # Gramian of the objectives' gradients D J
             mix64 = mix.to(gram)
             gram = mix64 @ gram @ mix64.T
+        self._gram = gram
         w = self.aggregator.weights_from_gramian(gram)
         self.last_weights = w if self.last_weights is None else w * self.last_weights
         coeff = w if mix is None else w.to(mix.dtype) @ mix
