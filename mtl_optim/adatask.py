@@ -51,9 +51,6 @@ gives the per-parameter views.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -62,6 +59,9 @@ import torch
 from torch import Tensor
 from torch.optim import Adagrad, Adam, AdamW, RMSprop
 
+from ._backend import interpreted as _interpreted
+from ._backend import scalar as _scalar
+from ._backend import triton_installed as _triton_installed
 from .aggregators import RowWeighting
 from .engine import GroupSlice
 from .optimizer import MTLOptimizer
@@ -71,10 +71,6 @@ __all__ = ["AdaTask"]
 # A rule updates one group's per-task state from its (K, n) gradient rows and returns
 # (per-task steps U, alpha) such that the parameters move by alpha * U.sum(0).
 Rule = Callable[[dict, Tensor, tuple, dict, int], tuple[Tensor, float]]
-
-
-def _scalar(x: Any) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
 def _flat(params: tuple[Tensor, ...]) -> Tensor:
@@ -233,15 +229,6 @@ _KERNELS = {
     Adagrad: "adagrad_update",
 }
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels() -> ModuleType:

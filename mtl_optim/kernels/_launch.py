@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,16 +43,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import interpreted
+
 SUPPORTED_DTYPES = {
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def default_block() -> int:
@@ -71,10 +67,6 @@ def split64(x: float) -> tuple[float, float]:
 def lerp_weights(weight: float) -> tuple[float, float]:
     """The scalars of :func:`lerp`: ``weight`` and, exactly in float32, ``weight - 1``."""
     return weight, float(np.float32(weight)) - 1
-
-
-def scalar(x: Any) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import scalar
 from ._launch import (
     check,
     columns,
@@ -28,7 +29,6 @@ from ._launch import (
     next_step,
     round_to,
     run,
-    scalar,
     task_gradient,
 )
 from ._launch import state_buffer as _buffer

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import scalar
 from ._launch import (
     check,
     columns,
@@ -25,7 +26,6 @@ from ._launch import (
     next_step,
     round_to,
     run,
-    scalar,
     split64,
     task_gradient,
 )

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import scalar
 from ._launch import (
     check,
     columns,
@@ -34,7 +35,6 @@ from ._launch import (
     pow_step,
     round_to,
     run,
-    scalar,
     split64,
     task_gradient,
 )

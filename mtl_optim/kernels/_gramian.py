@@ -21,7 +21,8 @@ from torch import Tensor
 
 from mtl_optim.engine import gramian as _engine_gramian
 
-from ._launch import _on, interpreted
+from .._backend import interpreted
+from ._launch import _on
 
 __all__ = ["gramian", "gramian_reference"]
 
