@@ -8,8 +8,39 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch import nn
+
+# Hypothesis profiles, chosen by the HYPOTHESIS_PROFILE environment variable (default "ci"):
+# - "ci": derandomized (the examples are a function of the test's code, so a run does not
+#   depend on the machine, the clock or a leftover .hypothesis/ directory), no deadline (a
+#   loaded machine is not a failure), no example database, and the reproduction blob printed;
+# - "explore": random examples, EXPLORE_FACTOR times as many, failures kept in .hypothesis/.
+# Per-test @settings give only an example budget, through examples(n), and never
+# derandomize/deadline themselves, so the profile decides those. Loaded here, before any test
+# module is imported, because a settings object inherits from the profile active at creation.
+EXPLORE_FACTOR = 10
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    max_examples=50,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "explore", derandomize=False, deadline=None, max_examples=50 * EXPLORE_FACTOR
+)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or "ci"
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(n: int) -> int:
+    """A test's example budget: ``n`` in the "ci" profile, ``EXPLORE_FACTOR·n`` when exploring."""
+    return n * EXPLORE_FACTOR if HYPOTHESIS_PROFILE == "explore" else n
+
 
 torch.set_num_threads(1)
 # Triton kernels run through its CPU interpreter without CUDA; this must be set before any

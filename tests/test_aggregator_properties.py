@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import matrices
+from conftest import examples, matrices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +38,7 @@ def test_output_shape_dtype_and_row_weights(name, dtype):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in RANDOM])
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15))
 @given(data=st.data())
 def test_permutation_equivariance(name, data):
     jac = data.draw(matrices(k_min=2, k_max=5, full_rank=True))

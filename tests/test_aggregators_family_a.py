@@ -17,6 +17,7 @@ from conftest import (
     TwoTask,
     batches,
     clone,
+    examples,
     make_model,
     matrices,
     train_two_task,
@@ -34,7 +35,7 @@ from mtl_optim.aggregators._gradvac import GradVac
 from mtl_optim.aggregators._pcgrad import PCGrad
 from mtl_optim.aggregators._upgrad import UPGrad
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(40))
 F64 = torch.float64
 G1, G2 = J_GOLDEN  # g_1 = (-4, 1, 1), g_2 = (6, 1, 1): ‖g_1‖² = 18, ‖g_2‖² = 38, g_1·g_2 = -22
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import J_GOLDEN, batches, clone, make_model, train_two_task
+from conftest import J_GOLDEN, batches, clone, examples, make_model, train_two_task
 from conftest import matrices as _matrices
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -23,7 +23,7 @@ from mtl_optim.aggregators._sdmgrad import SDMGrad
 from mtl_optim.aggregators._simplex import project_to_simplex, simplex_projection
 
 F64 = torch.float64
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(40))
 S19 = math.sqrt(19.0)
 # J_GOLDEN: g_1 = (-4, 1, 1), g_2 = (6, 1, 1); M = [[18, -22], [-22, 38]], ‖g_1‖ = 3√2,
 # ‖g_2‖ = √2·√19, cos(g_1, g_2) = -22/√684 = -11/(3√19).

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -232,7 +233,7 @@ def test_auc_and_accuracy_golden():
     assert accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(200 / 3)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60))
 @given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=2, max_size=30))
 def test_auc_equals_the_pairwise_definition(pairs):
     scores = torch.tensor([float(s) for s, _ in pairs])

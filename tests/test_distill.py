@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -259,7 +260,7 @@ def test_rbf_cka_matches_numpy():
     assert 0.1 < got < 1.0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30))
 @given(
     n=st.integers(3, 10),
     d=st.integers(1, 5),

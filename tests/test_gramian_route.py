@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batches, clone, make_model
+from conftest import batches, clone, examples, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -36,10 +36,18 @@ def assert_gramian(losses, shared):
     expected = reference_gramian(losses, shared)
     got = streamed_gramian(losses, shared)
     assert got.dtype == F64 and got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * expected.abs().max())
+    # Both sides compute the rows g_i in the losses' dtype, by different sequences of
+    # operations, so an entry G_ij = g_i·g_j is exact only up to a few roundings of that dtype
+    # relative to |g_i||g_j| (Cauchy–Schwarz), not to |G_ij|, which can cancel. Measured: at
+    # most 2 eps·|g_i||g_j| on these models; the bound allows 8 eps·sqrt(d) for d parameters.
+    eps = torch.finfo(losses[0].dtype).eps
+    d = sum(p.numel() for p in shared)
+    norms = expected.diagonal().clamp_min(0).sqrt()
+    bound = 8 * eps * d**0.5 * torch.outer(norms, norms)
+    assert ((got - expected).abs() <= bound).all(), (got - expected).abs() / bound
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
 @given(
     k=st.integers(1, 5),
     widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),

@@ -11,7 +11,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from conftest import HPS, batches, make_model, train_two_task
+from conftest import HPS, batches, examples, make_model, train_two_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -371,7 +371,7 @@ def objective_of(a: np.ndarray, groups) -> float:
     return sum(max(task_score(a, t, s) for s in groups if t in s) for t in range(len(a))) / len(a)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=examples(40))
 @given(st.integers(1, 8), st.integers(1, 4), st.booleans(), st.integers(0, 2**32 - 1))
 def test_exact_search_finds_the_brute_force_optimum(k, n_groups, disjoint, seed):
     n_groups = min(n_groups, {6: 3, 7: 3, 8: 2}.get(k, 4))  # keep the brute force small

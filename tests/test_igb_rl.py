@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import batches, jacobian, leaf, make_model, t
+from conftest import batches, examples, jacobian, leaf, make_model, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,7 +64,7 @@ def test_reward_and_transitions_on_scripted_losses():
     assert w.reward_scale == 2.0 and buf.reward[2].item() == 0.0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30))
 @given(
     st.lists(st.floats(0.01, 100.0), min_size=2, max_size=5),
     st.lists(st.floats(0.01, 100.0), min_size=2, max_size=5),
@@ -180,7 +180,7 @@ def test_log_prob_against_a_direct_computation():
         small_agent(2, logprob="exact")
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
 @given(st.integers(2, 6), st.floats(-6.0, 6.0), st.integers(0, 2**31))
 def test_actions_are_weights_summing_to_k_for_losses_of_any_scale(k, exponent, seed):
     agent = small_agent(k, seed)
@@ -256,7 +256,12 @@ def test_official_schedule_training_lowers_the_losses_and_is_reproducible():
     # updates; at step 100 the buffer is full: 50.
     assert igb.sac_updates == 41 + 50
     assert igb.agent.buffer.size == 64 and igb.last_update_seconds > 0
-    torch.testing.assert_close(torch.stack(weights).sum(-1), torch.full((104,), 3.0, dtype=F64))
+    # The weights are K·softmax computed by the float32 agent, then cast to the losses' float64:
+    # each entry carries a few float32 roundings (exp, the division, the product by K) relative
+    # to its size, so their sum is K only up to a few K·eps(float32), not to float64 precision.
+    eps32 = torch.finfo(torch.float32).eps
+    sums = torch.stack(weights).sum(-1)
+    assert ((sums - K).abs() <= 8 * K * eps32).all(), sums - K
     _, model2, weights2, _, _ = run()
     assert all(torch.equal(a, b) for a, b in zip(weights, weights2))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import J_GOLDEN, train_two_task
+from conftest import J_GOLDEN, examples, train_two_task
 from conftest import matrices as _matrices
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +18,7 @@ from mtl_optim.aggregators._cagrad import CAGrad, cagrad_objective, cagrad_simpl
 from mtl_optim.aggregators._imtlg import IMTLG
 from mtl_optim.aggregators._random import Random
 
-SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(50))
 
 
 def matrices(k_min: int = 2, k_max: int = 6, full_rank: bool = False):

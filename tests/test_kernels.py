@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HPS, J_GOLDEN, batches, matrices
+from conftest import HPS, J_GOLDEN, batches, examples, matrices
 from hypothesis import given, settings
 
 pytest.importorskip("triton", reason="the fused kernels need Triton: pip install '.[kernels]'")
@@ -206,7 +206,7 @@ def test_gramian_golden():
     assert m.tolist() == [[18.0, -22.0], [-22.0, 38.0]]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25))
 @given(matrices(k_min=1, k_max=7, d_max=40))
 def test_gramian_matches_twin(jacobian):
     j = jacobian.float().to(DEVICE)

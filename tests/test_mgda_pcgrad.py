@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import J_GOLDEN, batches, make_model, matrices, train_two_task
+from conftest import J_GOLDEN, batches, examples, make_model, matrices, train_two_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +16,7 @@ import mtl_optim
 from mtl_optim.aggregators._mgda import MGDA
 from mtl_optim.aggregators._pcgrad import PCGrad
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(60))
 
 
 def normalized_gram(jacobian: torch.Tensor, normalization: str) -> torch.Tensor:

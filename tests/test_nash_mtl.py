@@ -8,13 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from mtl_optim.aggregators._nash_mtl import NashMTL
 
 F64 = torch.float64
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(60))
 
 
 def _randn(seed: int, *shape: int) -> torch.Tensor:

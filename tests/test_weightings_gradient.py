@@ -10,6 +10,7 @@ from conftest import (
     J_GOLDEN,
     TwoTask,
     assert_weighting_resumes,
+    examples,
     jacobian,
     leaf,
     matrices,
@@ -28,7 +29,7 @@ from mtl_optim.weighting._gradnorm import GradNorm
 from mtl_optim.weighting._stch import STCH
 
 F64 = torch.float64
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=examples(40))
 SQ18, SQ38 = math.sqrt(18.0), math.sqrt(38.0)  # the row norms of J_GOLDEN
 
 
