@@ -267,7 +267,10 @@ class AdaTask(MTLOptimizer):
         self.fused = fused
         self._rule = _RULES[base]
         self._kernel = _KERNELS[base]
-        self._task_state: dict[int, dict[str, Tensor]] = {}
+        # per (group, cohort) of the engine's slices: "step" and (K, n) buffers
+        self._task_state: dict[tuple[int, int], dict[str, Tensor]] = {}
+        # per-task state of parameters that left the shared set (frozen), by id
+        self._parked: dict[int, dict[str, Tensor]] = {}
         self._task_grads: Tensor | None = None
         self._observers: list[Callable[[GroupSlice, Tensor], None]] = []
         super().__init__(params, base, **kwargs)
@@ -324,8 +327,74 @@ class AdaTask(MTLOptimizer):
         self._task_grads = rows
         return rows.sum(0)
 
-    def _new_window(self) -> None:
-        super()._new_window()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # The per-task gradients are AdaTask's .grad of the shared parameters: a second step()
+        # without a new backward reuses them, as torch reuses .grad; zero_grad clears them.
+        super().zero_grad(set_to_none)
+        if self._task_grads is not None and not set_to_none:
+            self._task_grads = torch.zeros_like(self._task_grads)
+        elif set_to_none:
+            self._task_grads = None
+
+    def _shared_set_changing(self, shared: set[int]) -> dict[int, int]:
+        """Before a new shared set: park the state of parameters that leave it, and give each
+        group's newcomers a new cohort (fresh state, own step count); returning parameters get
+        their parked state back in a cohort of their own."""
+        old: dict[int, tuple[GroupSlice, int]] = {}
+        for s in self._engine.slices:
+            for p, offset in zip(s.params, _offsets(s)):
+                old[id(p)] = (s, offset)
+        for pid, (s, offset) in old.items():
+            state = self._task_state.get((s.group, s.cohort))
+            if pid not in shared and state is not None:
+                n = s.params[[id(q) for q in s.params].index(pid)].numel()
+                self._parked[pid] = _columns(state, offset, n)
+        cohorts: dict[int, int] = {}
+        self._relayout: dict[int, tuple[GroupSlice, int] | dict[str, Tensor]] = {}
+        for gi, group in enumerate(self.param_groups):
+            used = [s.cohort for s in self._engine.slices if s.group == gi]
+            fresh = max(used, default=-1) + 1
+            for p in group["params"]:
+                pid = id(p)
+                if pid not in shared or not p.requires_grad:
+                    continue
+                if pid in old:
+                    cohorts[pid] = old[pid][0].cohort
+                    self._relayout[pid] = old[pid]
+                elif pid in self._parked:
+                    fresh += 1
+                    cohorts[pid] = fresh
+                    self._relayout[pid] = self._parked.pop(pid)
+                else:
+                    cohorts[pid] = max(used, default=-1) + 1
+        return cohorts
+
+    def _shared_set_changed(self) -> None:
+        """Rebuild each slice's state from the kept columns (see ``_shared_set_changing``)."""
+        rebuilt: dict[tuple[int, int], dict[str, Tensor]] = {}
+        for s in self._engine.slices:
+            pieces = []
+            for p in s.params:
+                src = self._relayout.get(id(p))
+                if isinstance(src, tuple):
+                    old, offset = src
+                    state = self._task_state.get((old.group, old.cohort))
+                    src = None if state is None else _columns(state, offset, p.numel())
+                pieces.append(src)
+            if all(piece is None for piece in pieces):
+                continue  # newcomers only: state starts fresh at the first step
+            steps = {float(piece["step"]) for piece in pieces if piece is not None}
+            if None in pieces or len(steps) > 1:
+                raise RuntimeError("internal error: a cohort mixes parameters of different ages")
+            first = next(piece for piece in pieces if piece is not None)
+            rebuilt[(s.group, s.cohort)] = {
+                key: first["step"].clone()
+                if key == "step"
+                else torch.cat([piece[key] for piece in pieces], dim=1)
+                for key in first
+            }
+        self._task_state = rebuilt
+        self._relayout = {}
         self._task_grads = None
 
     def _update(self) -> None:
@@ -345,7 +414,7 @@ class AdaTask(MTLOptimizer):
         for s in self._engine.slices:
             group = self.param_groups[s.group]
             state = self._task_state.setdefault(
-                s.group, {"step": torch.zeros((), dtype=torch.float32)}
+                (s.group, s.cohort), {"step": torch.zeros((), dtype=torch.float32)}
             )
             grads = rows[:, s.start : s.stop]
             if self._fused_for(s, grads):
@@ -370,7 +439,7 @@ class AdaTask(MTLOptimizer):
         for s in self._engine.slices:
             for p, offset in zip(s.params, _offsets(s)):
                 if p is param:
-                    state = self._task_state.get(s.group, {})
+                    state = self._task_state.get((s.group, s.cohort), {})
                     k, n = self._engine.num_tasks, p.numel()
                     return {
                         key: v if key == "step" else v[:, offset : offset + n].view(k, *p.shape)
@@ -379,30 +448,57 @@ class AdaTask(MTLOptimizer):
         raise KeyError("not a shared parameter of this optimizer (or no backward yet)")
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"task_state": {gi: dict(st) for gi, st in self._task_state.items()}}
+        # cohort 0 (every slice, unless the trainable set changed) is keyed by the group index
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return {
+            "task_state": {
+                (gi if c == 0 else (gi, c)): dict(st) for (gi, c), st in self._task_state.items()
+            },
+            "parked": {index[pid]: dict(st) for pid, st in self._parked.items() if pid in index},
+        }
+
+    def _check_extra_state(self, mtl: dict[str, Any], slices: list[GroupSlice]) -> None:
+        k = mtl["num_tasks"]
+        widths = {(s.group, s.cohort): s.stop - s.start for s in slices}
+        for key, st in mtl.get("task_state", {}).items():
+            where = key if isinstance(key, tuple) else (key, 0)
+            for name, v in st.items():
+                if name != "step" and tuple(v.shape) != (k, widths.get(where)):
+                    raise ValueError(
+                        f"task state {name!r} of group {where[0]} has shape {tuple(v.shape)}, "
+                        f"expected ({k}, {widths.get(where)})"
+                    )
 
     def _load_extra_state(self, mtl: dict[str, Any]) -> None:
-        task_state = mtl.get("task_state", {})
-        k = self._engine.num_tasks
-        widths = {s.group: s.stop - s.start for s in self._engine.slices}
-        loaded: dict[int, dict[str, Tensor]] = {}
-        for gi, st in task_state.items():
-            device = self.param_groups[gi]["params"][0].device
-            for key, v in st.items():
-                if key != "step" and tuple(v.shape) != (k, widths.get(gi)):
-                    raise ValueError(
-                        f"task state {key!r} of group {gi} has shape {tuple(v.shape)}, expected "
-                        f"({k}, {widths.get(gi)})"
-                    )
-            loaded[gi] = {
+        flat = [p for g in self.param_groups for p in g["params"]]
+
+        def copy(st: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+            return {
                 key: v.clone() if key == "step" else v.to(device=device, copy=True)
                 for key, v in st.items()
             }
+
+        loaded: dict[tuple[int, int], dict[str, Tensor]] = {}
+        for key, st in mtl.get("task_state", {}).items():
+            gi, cohort = key if isinstance(key, tuple) else (key, 0)
+            loaded[(gi, cohort)] = copy(st, self.param_groups[gi]["params"][0].device)
         self._task_state = loaded
+        self._parked = {
+            id(flat[i]): copy(st, flat[i].device) for i, st in mtl.get("parked", {}).items()
+        }
+        self._task_grads = None
 
     def add_observer(self, observer: Callable[[GroupSlice, Tensor], None]) -> None:
         """Call ``observer(slice, U)`` after each step with the ``(K, n)`` per-task updates."""
         self._observers.append(observer)
+
+
+def _columns(state: dict[str, Tensor], offset: int, n: int) -> dict[str, Tensor]:
+    """Copies of columns ``[offset, offset + n)`` of a slice's per-task state, with its step."""
+    return {
+        key: v.clone() if key == "step" else v[:, offset : offset + n].clone()
+        for key, v in state.items()
+    }
 
 
 def _offsets(s: GroupSlice) -> list[int]:

@@ -14,6 +14,7 @@ place where per-task gradients leave this process.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,40 +22,26 @@ import torch
 from torch import Tensor
 
 from ._distributed import Replicas
+from ._linalg import gramian  # re-exported: engine.gramian stays importable
 from ._streamed_gramian import streamed_gramian
 
 __all__ = ["GroupSlice", "TaskGradients", "as_losses", "gramian", "reachable_params"]
 
-_GRAM_CHUNK = 1 << 22  # elements of J upcast at a time by `gramian`
-
-
-def gramian(jacobian: Tensor) -> Tensor:
-    """``M = J Jᵀ`` (K×K, symmetric) accumulated in float64.
-
-    A float32 Gramian can be off by ~1e-7·sqrt(d) of the squared norms, enough to turn nearly
-    opposed gradients into a numerically unbounded problem for the solvers; so a non-float64
-    ``J`` is upcast in column chunks of at most ``_GRAM_CHUNK`` elements, bounding the memory.
-    """
-    if jacobian.dtype == torch.float64:
-        gram = jacobian @ jacobian.T
-    else:
-        k, d = jacobian.shape
-        width = max(1, _GRAM_CHUNK // max(k, 1))
-        gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
-        for start in range(0, d, width):
-            chunk = jacobian[:, start : start + width].to(torch.float64)
-            gram.addmm_(chunk, chunk.T)
-    return 0.5 * (gram + gram.T)
-
 
 @dataclass(frozen=True)
 class GroupSlice:
-    """The shared parameters of one param group and their columns ``[start, stop)`` of ``J``."""
+    """Shared parameters of one param group and their columns ``[start, stop)`` of ``J``.
+
+    ``cohort`` tells apart parameters of one group that joined the shared set at different
+    times (a frozen layer unfrozen mid-training): per-task state (AdaTask) keeps one step count
+    per ``(group, cohort)``. Without such changes every group has one slice, cohort 0.
+    """
 
     group: int
     start: int
     stop: int
     params: tuple[Tensor, ...]
+    cohort: int = 0
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Views of a ``(stop - start,)`` vector (or ``(K, n)`` matrix) shaped like each param."""
@@ -110,19 +97,53 @@ def as_losses(
 
 def reachable_params(loss: Tensor) -> set[int]:
     """``id`` of every leaf tensor that ``loss``'s autograd graph reaches."""
-    found: set[int] = set()
-    seen: set[int] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if variable is not None:
-            found.add(id(variable))
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return found
+    return {pid for pid in _walk([loss]) if pid != _JOIN}
+
+
+#: Marker yielded by :func:`_walk` when the losses' graphs meet at a node whose backward can
+#: route a loss's gradient to only part of what the node reaches (so reaching is not using).
+_JOIN = -1
+_JOINING_NODES = (
+    "CompiledFunction",
+    "Stack",
+    "Cat",
+    "Unbind",
+    "Select",
+    "Slice",
+    "Index",
+    "Split",
+    "Chunk",
+    "Narrow",
+    "Gather",
+    "Unfold",
+)
+
+
+def _walk(losses: Sequence[Tensor]) -> list[int]:
+    """For each loss, ``id`` of every leaf its graph reaches (one entry per loss and leaf),
+    and :data:`_JOIN` once if two losses' graphs meet at a joining node."""
+    out: list[int] = []
+    owners: dict[int, int] = {}  # node -> the first loss that reached it
+    alive = []  # keeps every node's Python wrapper alive so that ids stay unique
+    joined = False
+    for index, loss in enumerate(losses):
+        seen: set[int] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            alive.append(node)
+            if not joined and owners.setdefault(id(node), index) != index:
+                joined = type(node).__name__.startswith(_JOINING_NODES)
+            variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+            if variable is not None:
+                out.append(id(variable))
+            stack.extend(nxt for nxt, _ in node.next_functions)
+    if joined:
+        out.append(_JOIN)
+    return out
 
 
 def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor) -> None:
@@ -176,41 +197,103 @@ class TaskGradients:
         losses: Sequence[Tensor],
         param_groups: Sequence[dict],
         shared: Iterable[Tensor] | None,
+        joined: bool = False,
     ) -> None:
-        """Fix K and the shared parameters (from ``shared``, group flags, or the graph)."""
+        """Fix K and the shared parameters (from ``shared``, group flags, or the graph).
+
+        Detection walks each loss's autograd graph: a trainable parameter that two or more
+        losses reach is shared. The walk over-approximates where one node joins the losses'
+        graphs (losses passed as one stacked tensor, ``joined=True``; a ``torch.compile``'d
+        region, whose backward is one node over all its parameters; stacking, concatenation or
+        indexing that the losses meet at): then every parameter it reaches would look shared.
+        In that case the candidates are settled from the per-task gradients themselves — one
+        reverse pass per task, once — and a parameter is shared when two or more tasks give it a
+        nonzero gradient (all ranks agree: the flags are summed across processes).
+        """
         self.num_tasks = len(losses)
+        self.set_shared(param_groups, self.detect(losses, param_groups, shared, joined))
+
+    def detect(
+        self,
+        losses: Sequence[Tensor],
+        param_groups: Sequence[dict],
+        shared: Iterable[Tensor] | None,
+        joined: bool = False,
+    ) -> set[int]:
+        """``id`` of the shared parameters for ``losses`` (see :meth:`setup`)."""
+        every = {id(p) for g in param_groups for p in g["params"]}
         params = [p for g in param_groups for p in g["params"] if p.requires_grad]
         explicit = shared is not None or any(g.get("shared", False) for g in param_groups)
         if explicit:
             chosen = {id(p) for p in shared or ()}
             chosen |= {id(p) for g in param_groups if g.get("shared", False) for p in g["params"]}
-            unknown = chosen - {id(p) for p in params}
+            unknown = chosen - every
             if unknown:
                 raise ValueError(
-                    f"{len(unknown)} tensor(s) passed as shared= are not trainable parameters "
-                    "of this optimizer"
+                    f"{len(unknown)} tensor(s) passed as shared= are not parameters of this "
+                    "optimizer"
                 )
-        else:
-            counts: dict[int, int] = {}
-            for loss in losses:
-                for pid in reachable_params(loss):
-                    counts[pid] = counts.get(pid, 0) + 1
-            chosen = {pid for pid, c in counts.items() if c >= 2}
-        self.set_shared(param_groups, chosen)
+            return chosen
+        if len(losses) < 2:
+            return set()
+        counts: dict[int, int] = {}
+        ambiguous = joined
+        for pid in _walk(losses):
+            if pid == _JOIN:
+                ambiguous = True
+            else:
+                counts[pid] = counts.get(pid, 0) + 1
+        trainable = {id(p) for p in params}
+        chosen = {pid for pid, c in counts.items() if c >= 2 and pid in trainable}
+        if ambiguous and chosen:
+            chosen = self._settle(losses, [p for p in params if id(p) in chosen])
+        return chosen
 
-    def set_shared(self, param_groups: Sequence[dict], shared_ids: set[int]) -> None:
-        """Order shared params by group so each group owns a contiguous column range of J."""
+    def _settle(self, losses: Sequence[Tensor], candidates: list[Tensor]) -> set[int]:
+        """The candidates that two or more tasks give a nonzero gradient (one pass per task)."""
+        flags = torch.zeros(len(losses), len(candidates), device=candidates[0].device)
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, candidates, retain_graph=True, allow_unused=True)
+            for j, g in enumerate(grads):
+                if g is not None:
+                    values = g.coalesce().values() if g.is_sparse else g
+                    flags[i, j] = values.ne(0).any()
+        if self.replicas is not None:
+            self.replicas.sum_([flags])
+        silent = (flags.sum(1) == 0).nonzero().flatten().tolist()
+        if silent:
+            warnings.warn(
+                f"task(s) {silent} gave an all-zero gradient to every parameter that the "
+                "autograd graph cannot tell apart (a compiled model or stacked losses), so "
+                "the shared parameters could not be inferred for them; pass shared= (or a "
+                "param group with shared=True) to the optimizer to make the split explicit",
+                UserWarning,
+                stacklevel=4,
+            )
+        reached = (flags > 0).sum(0)
+        return {id(p) for p, c in zip(candidates, reached.tolist()) if c >= 2}
+
+    def set_shared(
+        self,
+        param_groups: Sequence[dict],
+        shared_ids: set[int],
+        cohorts: dict[int, int] | None = None,
+    ) -> None:
+        """Order shared params by group (then cohort) so each slice owns a contiguous column
+        range of J. Parameters that do not require grad are in neither set."""
         self.slices, self.shared, self.task_specific = [], [], []
+        cohorts = cohorts or {}
         offset = 0
         for gi, group in enumerate(param_groups):
-            mine = tuple(p for p in group["params"] if id(p) in shared_ids and p.requires_grad)
+            mine = [p for p in group["params"] if id(p) in shared_ids and p.requires_grad]
             self.task_specific += [
                 p for p in group["params"] if id(p) not in shared_ids and p.requires_grad
             ]
-            if mine:
-                n = sum(p.numel() for p in mine)
-                self.slices.append(GroupSlice(gi, offset, offset + n, mine))
-                self.shared += mine
+            for cohort in sorted({cohorts.get(id(p), 0) for p in mine}):
+                members = tuple(p for p in mine if cohorts.get(id(p), 0) == cohort)
+                n = sum(p.numel() for p in members)
+                self.slices.append(GroupSlice(gi, offset, offset + n, members, cohort))
+                self.shared += members
                 offset += n
         dtypes = [p.dtype for p in self.shared] or [torch.get_default_dtype()]
         dtype = torch.float32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -23,6 +25,20 @@ __all__ = ["MTLOptimizer", "NonFiniteError"]
 
 class NonFiniteError(ValueError, FloatingPointError):
     """A loss or gradient was NaN or infinite and ``nonfinite="raise"`` was chosen."""
+
+
+def _identity(obj: Any) -> str | None:
+    """The class name of a class or instance (``None`` for ``None``), as checkpoints record it:
+    the qualified name without the module, so that moving a class keeps checkpoints valid."""
+    if obj is None:
+        return None
+    return (obj if isinstance(obj, type) else type(obj)).__qualname__
+
+
+def _needs_closure(base: type[Optimizer]) -> bool:
+    """Does ``base.step`` require a closure (L-BFGS re-evaluates the objective)?"""
+    parameter = inspect.signature(base.step).parameters.get("closure")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 _DELEGATED = ("param_groups", "state", "defaults")
@@ -175,6 +191,9 @@ class MTLOptimizer(Optimizer):
         self._external: list[Tensor | None] | None = None
         self._skip = False
         self.last_weights: Tensor | None = None
+        self._layout: tuple | None = None  # see _param_layout
+        self._backward_calls = 0  # opt.backward calls in this window (see step)
+        self._warned_plain_backward = False
         # an OrderedDict: RemovableHandle keeps a weak reference to it
         self._gradient_hooks: OrderedDict[int, tuple[GradientHook, bool]] = OrderedDict()
         self._gram: Tensor | None = None  # the Gramian route's last Gramian, for hooks
@@ -191,15 +210,8 @@ class MTLOptimizer(Optimizer):
         if "_base" not in self.__dict__:  # during Optimizer.__init__: the base adds defaults
             super().add_param_group(param_group)
             return
-        if self._engine.ready and param_group.get("shared", False):
-            raise ValueError(
-                "shared parameters are fixed after the first backward; add shared groups "
-                "before training starts"
-            )
         self._check_group(param_group)
-        self._base.add_param_group(param_group)
-        if self._engine.ready:
-            self._engine.task_specific += [p for p in param_group["params"] if p.requires_grad]
+        self._base.add_param_group(param_group)  # the next backward finds the shared set anew
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Reject hyperparameters the method cannot honour (overridden by AdaTask)."""
@@ -213,6 +225,7 @@ class MTLOptimizer(Optimizer):
         self._external = None
         self._skip = False
         self._window_state = None
+        self._backward_calls = 0
 
     def _rollback(self) -> None:
         """A skipped step leaves no trace: method state goes back to the window start."""
@@ -245,11 +258,19 @@ class MTLOptimizer(Optimizer):
             generator.set_state(gen_state)
 
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's ``state_dict`` plus an ``"mtl"`` entry: the identities of the
+        base and the methods (checked on load), K, the shared set, and the methods' state."""
         sd = super().state_dict()
+        engine = self._engine
         sd["mtl"] = {
-            "num_tasks": self._engine.num_tasks,
-            "shared": self._engine.shared_indices(self.param_groups)
-            if self._engine.ready
+            "base": _identity(self.base_class),
+            "optimizer": _identity(type(self)),
+            "aggregator_class": _identity(self.aggregator),
+            "weighting_class": _identity(self.weighting),
+            "num_tasks": engine.num_tasks,
+            "shared": engine.shared_indices(self.param_groups) if engine.ready else None,
+            "cohorts": [s.cohort for s in engine.slices for _ in s.params]
+            if engine.ready
             else None,
             "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
             "weighting": None if self.weighting is None else self.weighting.state_dict(),
@@ -258,21 +279,105 @@ class MTLOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of the same optimizer, atomically.
+
+        Everything is checked before anything changes — the base optimizer class, this
+        optimizer's class, the aggregator's and weighting's classes, K, the param groups and the
+        per-task state's shapes — and if loading a method's state still fails, the base
+        optimizer's and every method's state are put back as they were before the call.
+        """
         state_dict = dict(state_dict)
         mtl = state_dict.pop("mtl", None)
         if mtl is None:
             raise ValueError("not an MTLOptimizer state_dict: the 'mtl' entry is missing")
+        self._check_checkpoint(state_dict, mtl)
+        before = (
+            copy.deepcopy(self._base.state_dict()),
+            None if self.aggregator is None else clone_state(self.aggregator.state_dict()),
+            None if self.weighting is None else clone_state(self.weighting.state_dict()),
+            self._extra_state(),
+            dict(self._engine.__dict__),  # set_shared rebinds, never mutates, these lists
+            self._layout,
+        )
+        try:
+            self._load(state_dict, mtl)
+        except Exception:
+            self._engine.__dict__.update(before[4])
+            self._layout = before[5]
+            self._base.load_state_dict(before[0])
+            if before[1] is not None:
+                self.aggregator.load_state_dict(before[1])
+            if before[2] is not None:
+                self.weighting.load_state_dict(before[2])
+            self._load_extra_state(before[3])
+            raise
+
+    def _check_checkpoint(self, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
+        """Refuse a checkpoint that does not fit, naming what differs (nothing changes)."""
+        mine = {
+            "base": _identity(self.base_class),
+            "optimizer": _identity(type(self)),
+            "aggregator_class": _identity(self.aggregator),
+            "weighting_class": _identity(self.weighting),
+        }
+        what = {
+            "base": "base optimizer",
+            "optimizer": "optimizer",
+            "aggregator_class": "aggregator",
+            "weighting_class": "weighting",
+        }
+        for key, value in mine.items():
+            if key in mtl and mtl[key] != value:
+                raise ValueError(
+                    f"this checkpoint was written with {what[key]} {mtl[key]}, but this optimizer "
+                    f"has {value}; build the optimizer with the same {what[key]} to load it"
+                )
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(g["params"]) for saved, g in zip(groups, self.param_groups)
+        ):
+            raise ValueError(
+                "this checkpoint's param groups do not match this optimizer's (number of groups "
+                f"or of parameters per group: saved {[len(g['params']) for g in groups]}, here "
+                f"{[len(g['params']) for g in self.param_groups]})"
+            )
+        k = mtl["num_tasks"]
+        if k is not None and self._engine.num_tasks is not None and k != self._engine.num_tasks:
+            raise ValueError(
+                f"this checkpoint has K = {k} tasks, but this optimizer was trained with "
+                f"K = {self._engine.num_tasks}"
+            )
+        if mtl["shared"] is not None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            if max(mtl["shared"], default=-1) >= len(flat):
+                raise ValueError("this checkpoint names shared parameters this optimizer lacks")
+            probe = type(self._engine)()
+            shared = {id(flat[i]) for i in mtl["shared"]}
+            probe.set_shared(self.param_groups, shared, self._cohorts(mtl))
+            self._check_extra_state(mtl, probe.slices)
+
+    def _cohorts(self, mtl: dict[str, Any]) -> dict[int, int]:
+        flat = [p for g in self.param_groups for p in g["params"]]
+        cohorts = mtl.get("cohorts") or [0] * len(mtl["shared"])
+        return {id(flat[i]): c for i, c in zip(mtl["shared"], cohorts)}
+
+    def _load(self, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
         self._base.load_state_dict(state_dict)
         if mtl["shared"] is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
-            self._engine.set_shared(self.param_groups, {id(flat[i]) for i in mtl["shared"]})
+            shared = {id(flat[i]) for i in mtl["shared"]}
+            self._engine.set_shared(self.param_groups, shared, self._cohorts(mtl))
             self._engine.num_tasks = mtl["num_tasks"]
+            self._layout = self._param_layout()
         if self.aggregator is not None and mtl["aggregator"] is not None:
             self.aggregator.load_state_dict(mtl["aggregator"])
         if self.weighting is not None and mtl["weighting"] is not None:
             self.weighting.load_state_dict(mtl["weighting"])
         self._load_extra_state(mtl)
         self._new_window()
+
+    def _check_extra_state(self, mtl: dict[str, Any], slices: list[Any]) -> None:
+        """Extension point: validate the subclass's part of a checkpoint (raise ValueError)."""
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -386,8 +491,10 @@ class MTLOptimizer(Optimizer):
                 scaling) is left in ``.grad`` for the scaler to find, without a warning, and the
                 step is skipped, as GradScaler does.
         """
+        joined = isinstance(losses, Tensor)  # one stacked tensor: the graph joins the tasks
         losses = as_losses(losses, self._engine.num_tasks)
         self._scale = None
+        self._backward_calls += 1
         if self._skip:  # this window already saw a non-finite value; the step is skipped
             return
         replicas = self._replicas_()
@@ -417,9 +524,12 @@ class MTLOptimizer(Optimizer):
         if not self._finite([values], "loss"):
             return
         if not self._engine.ready:
-            self._engine.setup(losses, self.param_groups, self._shared_arg)
             self._engine.replicas = replicas
+            self._engine.setup(losses, self.param_groups, self._shared_arg, joined)
+            self._layout = self._param_layout()
             replicas.broadcast_state([self.aggregator, self.weighting])
+        elif self._param_layout() != self._layout:
+            self._redetect(losses, joined)
         if scaler is not None and scaler.is_enabled():
             one = torch.ones((), dtype=torch.float32, device=losses[0].device)
             self._scale = scaler.scale(one)
@@ -431,6 +541,14 @@ class MTLOptimizer(Optimizer):
         self._gram = None
         if features is not None:
             self._backward_features(losses, mix, heads_loss, features)
+        elif not self._engine.shared:  # K = 1, or no parameter reached by two tasks
+            if self._weighting_needs_j:
+                raise ValueError(
+                    f"{self.weighting!r} needs the per-task gradients of shared parameters, but "
+                    "no parameter is reached by two or more losses (K = 1, or no shared trunk); "
+                    "pass shared= to name them, or use another weighting"
+                )
+            self._backward_sum(heads_loss)
         elif self.route == "gramian":
             self._backward_gramian(losses, mix, heads_loss)
         elif (
@@ -447,10 +565,13 @@ class MTLOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
         """Update the parameters with ``base`` (a no-op after a skipped non-finite batch)."""
+        if closure is not None and _needs_closure(self.base_class):
+            return self._step_with_closure(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_plain_backward()
         if not self._skip:
             self._clip()
             self._update()
@@ -459,7 +580,79 @@ class MTLOptimizer(Optimizer):
         self._new_window()
         return loss
 
+    def _step_with_closure(self, closure: Any) -> Tensor | None:
+        """Bases that re-evaluate the objective inside ``step`` (L-BFGS): the closure must call
+        ``opt.zero_grad()`` and ``opt.backward(losses)`` and return the total loss; every
+        evaluation then gets the method's gradient, clipped as in a plain step."""
+
+        def evaluate() -> Any:
+            self._new_window()
+            with torch.enable_grad():
+                loss = closure()
+            self._check_plain_backward()
+            if self._skip:
+                raise NonFiniteError(
+                    "non-finite loss or gradient inside an L-BFGS closure: a line search "
+                    "cannot skip an evaluation; fix the batch or lower the learning rate"
+                )
+            self._clip()
+            return loss
+
+        loss = self._base.step(evaluate)
+        if self.weighting is not None:
+            self.weighting.after_step()
+        self._new_window()
+        return loss
+
+    def _check_plain_backward(self) -> None:
+        """``loss.backward(); opt.step()`` with a method set skips the method: say so, once."""
+        if self._backward_calls or self._warned_plain_backward or not self._has_method:
+            return
+        if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            self._warned_plain_backward = True
+            warnings.warn(
+                f"{type(self).__name__}.step() found gradients but no opt.backward(losses) call "
+                "since the last step: the multi-task method was not applied (shared parameters "
+                f"{'were not updated' if self._per_task_state else 'got the plain summed gradient'}"
+                "). Call opt.backward(losses) instead of loss.backward()",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def _has_method(self) -> bool:
+        return self.aggregator is not None or self.weighting is not None or self._per_task_state
+
     # --- internals -------------------------------------------------------------------
+    def _param_layout(self) -> tuple[tuple[tuple[int, bool], ...], ...]:
+        """Which tensors each group trains now: re-detection runs when this changes."""
+        return tuple(
+            tuple((id(p), p.requires_grad) for p in g["params"]) for g in self.param_groups
+        )
+
+    def _redetect(self, losses: list[Tensor], joined: bool) -> None:
+        """The trainable set changed (``requires_grad`` flipped, a group added): find the shared
+        parameters again. Per-task state of parameters that stay shared is kept; parameters
+        that become shared start fresh; frozen ones keep their state for when they return."""
+        if self._engine.jacobian is not None:
+            raise ValueError(
+                "the set of trainable parameters changed (requires_grad or add_param_group) in "
+                "the middle of an accumulation window; call step() or zero_grad() first"
+            )
+        shared = self._engine.detect(losses, self.param_groups, self._shared_arg, joined)
+        cohorts = self._shared_set_changing(shared)
+        self._engine.set_shared(self.param_groups, shared, cohorts)
+        self._layout = self._param_layout()
+        self._shared_set_changed()
+
+    def _shared_set_changing(self, shared: set[int]) -> dict[int, int] | None:
+        """Extension point: before the engine adopts a new shared set (``id``s). Returns the
+        cohort of each shared parameter (see :class:`~mtl_optim.engine.GroupSlice`)."""
+        return None
+
+    def _shared_set_changed(self) -> None:
+        """Extension point: after the engine adopted a new shared set."""
+
     def _replicas_(self) -> Replicas:
         if self._replicas is None:
             self._replicas = Replicas(self.process_group)
