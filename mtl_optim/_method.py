@@ -33,13 +33,6 @@ def clone_state(state: Any) -> Any:
     return state
 
 
-def positive(name: str, value: float) -> float:
-    """Validate a strictly positive hyperparameter (NaN is rejected too)."""
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return value
-
-
 class Seeded(Method):
     """A method that draws from its own CPU ``torch.Generator``, never the global RNG.
 

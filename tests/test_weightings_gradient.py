@@ -340,8 +340,10 @@ def test_stch_guards_state_and_repr():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="mu"):
             STCH(mu=bad)
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="warmup_epoch"):
+    with pytest.raises(ValueError, match="warmup_epoch"):
+        STCH(warmup_epoch=-1)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="warmup_epoch"):
             STCH(warmup_epoch=bad)
     with pytest.raises(ValueError, match="preference"):
         STCH(preference=(1.0, 0.0))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._method import positive
-from ..engine import gramian
+from .._linalg import gramian
+from .._validation import positive
 from ._base import GramianWeighting
 
 _SCALE_MODES = ("min", "median", "rmse")

@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from .._linalg import gramian
 from .._method import Method
-from ..engine import gramian
 
 
 class Aggregator(Method, ABC):

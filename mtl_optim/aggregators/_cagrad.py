@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._validation import check_int, positive
 from ._base import GramianWeighting
 from ._simplex import project_to_simplex
 
@@ -74,8 +74,7 @@ class CAGrad(GramianWeighting):
             raise ValueError(f"c must be a finite non-negative number, got {c!r}")
         if rescale not in _RESCALES:
             raise ValueError(f"rescale must be one of {_RESCALES}, got {rescale!r}")
-        if not (isinstance(max_iter, int) and max_iter >= 0):
-            raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+        check_int("max_iter", max_iter, 0)
         positive("tol", tol)
         self.c = float(c)
         self.rescale = rescale

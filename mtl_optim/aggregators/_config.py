@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import normalized_gramian
+from .._validation import positive
 from ._base import GramianWeighting
 
-_TINY = torch.finfo(torch.float64).tiny  # a squared norm at or below this counts as a zero row
 _LENGTHS = ("projection", "min", "max", "arithmetic", "geometric", "harmonic")
 
 
@@ -110,11 +110,7 @@ class ConFIG(GramianWeighting):
             if self._pref_on_device.device != dev:
                 self._pref_on_device = self.pref_vector.to(dev)
             pref = self._pref_on_device
-        diag = gram.diagonal()
-        active = diag > _TINY
-        norms = torch.where(active, diag, torch.ones_like(diag)).sqrt()
-        both = active[:, None] & active[None, :]
-        unit_gram = torch.where(both, gram / norms[:, None] / norms[None, :], 0.0)
+        unit_gram, norms, active = normalized_gramian(gram)
         coef = torch.linalg.pinv(unit_gram, rtol=self.rcond**2, hermitian=True) @ pref
         # p (numerically) orthogonal to the range of UUᵀ: no direction has these cosines
         reachable = (unit_gram @ coef).norm() > self.rcond * pref.norm()

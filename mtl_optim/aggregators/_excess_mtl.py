@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._validation import positive
 from ._base import RowWeighting
 
 

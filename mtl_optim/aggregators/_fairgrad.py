@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import TINY
+from .._validation import check_int, positive
 from ._base import GramianWeighting
 
-_TINY = torch.finfo(torch.float64).tiny  # a squared norm at or below this counts as a zero row
 _EPS = torch.finfo(torch.float64).eps
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
 _N_BACKTRACK = 12  # candidate steps t0 * 2^-j, j = 0..11, evaluated in one batch
@@ -128,10 +128,8 @@ class FairGrad(GramianWeighting):
     ) -> None:
         if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
-        if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-        if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
-            raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
+        check_int("max_iter", max_iter, 1)
+        check_int("check_every", check_every, 1, optional=True)
         if max_norm is not None:
             positive("max_norm", max_norm)
         positive("tol", tol)
@@ -202,7 +200,7 @@ def _solve(gram: Tensor, prev: Tensor, p: float, opts: FairGrad) -> Tensor:
     dev = gram.device
     eye = torch.eye(k, dtype=torch.float64, device=dev)
     diag = gram.diagonal()
-    active = diag > _TINY  # False for zero rows and NaN
+    active = diag > TINY  # False for zero rows and NaN
     s = torch.where(active, diag, torch.zeros_like(diag)).amax()
     s = torch.where(s > 0, s, torch.ones_like(s))
     both = active[:, None] & active[None, :]

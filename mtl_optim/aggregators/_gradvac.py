@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import Seeded, positive
-from ..engine import gramian
+from .._linalg import gramian
+from .._method import Seeded
+from .._validation import positive
 from ._base import GramianWeighting
 
 

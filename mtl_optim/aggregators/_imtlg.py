@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import TINY
+from .._validation import positive
 from ._base import GramianWeighting
-
-_TINY = torch.finfo(torch.float64).tiny  # a squared norm at or below this counts as a zero row
 
 
 class IMTLG(GramianWeighting):
@@ -78,7 +77,7 @@ def imtlg_weights(gram: Tensor, rcond: float = 1e-12) -> Tensor:
     k = gram.shape[0]
     dev = gram.device
     diag = gram.diagonal()
-    active = diag > _TINY  # NaN rows are "inactive" here but poison the result below
+    active = diag > TINY  # NaN rows are "inactive" here but poison the result below
     n = torch.where(active, diag, torch.ones_like(diag)).sqrt()
     both = active[:, None] & active[None, :]
     eye = torch.eye(k, dtype=torch.float64, device=dev)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._validation import check_int, positive
 from ._base import GramianWeighting
 from ._simplex import project_to_simplex
 
@@ -87,8 +87,7 @@ class MGDA(GramianWeighting):
             raise ValueError(
                 f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}"
             )
-        if not (isinstance(max_iter, int) and max_iter >= 0):
-            raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+        check_int("max_iter", max_iter, 0)
         positive("tol", tol)
         positive("eps", eps)
         self.normalization = normalization

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..engine import gramian
+from .._linalg import gramian
 from ._base import Aggregator
 from ._simplex import simplex_projection
 

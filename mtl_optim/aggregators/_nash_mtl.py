@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import TINY
+from .._validation import check_int, positive
 from ._base import GramianWeighting
 
 _SOLVERS = ("newton", "cvxpy")
 
 # Newton internals (float64 throughout).
-_TINY = torch.finfo(torch.float64).tiny  # a squared norm at or below this counts as a zero row
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
 _N_BACKTRACK = 12  # candidate steps t0 * 2^-j, j = 0..11, evaluated in one batch
 _FULL_STEP = 0.25  # Newton decrement below which the full step is taken (self-concordance)
@@ -153,15 +153,10 @@ class NashMTL(GramianWeighting):
     ) -> None:
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
-        for name, value in (
-            ("update_weights_every", update_weights_every),
-            ("optim_niter", optim_niter),
-            ("max_iter", max_iter),
-        ):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
-            raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
+        check_int("update_weights_every", update_weights_every, 1)
+        check_int("optim_niter", optim_niter, 1)
+        check_int("max_iter", max_iter, 1)
+        check_int("check_every", check_every, 1, optional=True)
         positive("tol", tol)
         positive("max_norm", max_norm)
         self.solver = solver
@@ -278,7 +273,7 @@ def _newton(gram: Tensor, prev: Tensor, max_iter: int, tol: float, check: int | 
     dev = gram.device
     eye = torch.eye(k, dtype=torch.float64, device=dev)
     diag = gram.diagonal()
-    active = diag > _TINY  # False for zero rows and NaN; True for +inf (fails later)
+    active = diag > TINY  # False for zero rows and NaN; True for +inf (fails later)
     d = torch.where(active, diag, torch.ones_like(diag)).sqrt()
     both = active[:, None] & active[None, :]
     # Jacobi normalisation; an inactive (zero) row becomes the decoupled equation β_i² = 1.

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._validation import check_int, positive
 from ._base import GramianWeighting
 from ._simplex import simplex_projection
 
@@ -74,8 +74,7 @@ class SDMGrad(GramianWeighting):
     ) -> None:
         if not (lamda >= 0 and math.isfinite(lamda)):
             raise ValueError(f"lamda must be a finite non-negative number, got {lamda!r}")
-        if not (isinstance(niter, int) and niter >= 0):
-            raise ValueError(f"niter must be a non-negative int, got {niter!r}")
+        check_int("niter", niter, 0)
         positive("w_lr", w_lr)
         if not 0 <= w_momentum < 1:
             raise ValueError(f"w_momentum must be in [0, 1), got {w_momentum!r}")

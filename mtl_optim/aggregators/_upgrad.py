@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine import gramian
+from .._linalg import gramian
 from ._dual_cone import DualConeWeighting, dual_cone_weights
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_indices, check_int, check_partition
 from ..engine import TaskGradients, as_losses
 
 __all__ = ["SequentialCooperativeDistillation"]
@@ -23,28 +24,6 @@ SIMILARITIES = ("gradient", "affinity")
 DECAYS = ("linear", "drop", "keep")
 
 Blocks = tuple[tuple[int, ...], ...]
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _partition(blocks: Iterable[Iterable[int]], num_tasks: int, what: str) -> Blocks:
-    """``blocks`` as a tuple of sorted tuples, checked to partition ``range(num_tasks)``."""
-    out = tuple(tuple(sorted(b)) for b in blocks)
-    members = [t for b in out for t in b]
-    if (
-        not all(out)
-        or any(isinstance(t, bool) or not isinstance(t, int) for t in members)
-        or sorted(members) != list(range(num_tasks))
-    ):
-        raise ValueError(
-            f"{what} must partition the tasks range({num_tasks}) into non-empty blocks, got "
-            f"{[list(b) for b in out]!r}"
-        )
-    return out
 
 
 def _cosine(jacobian: Tensor) -> Tensor:
@@ -203,17 +182,15 @@ class SequentialCooperativeDistillation(nn.Module):
             )
         self.base = base
         self.num_tasks = k
-        self.total_epochs = _int("total_epochs", total_epochs, 1)
-        self._blocks_given = None if blocks is None else _partition(blocks, k, "blocks")
+        self.total_epochs = check_int("total_epochs", total_epochs, 1)
+        self._blocks_given = None if blocks is None else check_partition("blocks", blocks, k)
         if order is not None:
             if self._blocks_given is None:
                 raise ValueError("order indexes the blocks: give blocks= with it")
-            order = tuple(order)
-            if sorted(order) != list(range(len(self._blocks_given))):
-                raise ValueError(f"order must be a permutation of the block indices, got {order}")
+            order = tuple(check_indices("order", order, len(self._blocks_given), permutation=True))
         self._order_given = order
         if stage_boundaries is not None:
-            stage_boundaries = tuple(_int("stage boundary", s, 0) for s in stage_boundaries)
+            stage_boundaries = tuple(check_int("stage boundary", s, 0) for s in stage_boundaries)
             if not stage_boundaries or any(
                 a >= b for a, b in zip(stage_boundaries, stage_boundaries[1:])
             ):
@@ -230,7 +207,9 @@ class SequentialCooperativeDistillation(nn.Module):
                 )
             warmup_epochs = stage_boundaries[0]
         self._boundaries_given = stage_boundaries
-        self.warmup_epochs = _int("warmup_epochs", 1 if warmup_epochs is None else warmup_epochs, 0)
+        self.warmup_epochs = check_int(
+            "warmup_epochs", 1 if warmup_epochs is None else warmup_epochs, 0
+        )
         if self.warmup_epochs >= self.total_epochs:
             raise ValueError(f"warmup_epochs must be < total_epochs={total_epochs}")
         if complexity is not None:
@@ -244,7 +223,7 @@ class SequentialCooperativeDistillation(nn.Module):
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         self.threshold = float(threshold)
-        if n_blocks is not None and not 1 <= _int("n_blocks", n_blocks, 1) <= k:
+        if n_blocks is not None and not 1 <= check_int("n_blocks", n_blocks, 1) <= k:
             raise ValueError(f"n_blocks must be in [1, {k}], got {n_blocks}")
         if grouping is not None and not callable(grouping):
             raise TypeError(f"grouping must be callable, got {grouping!r}")
@@ -417,9 +396,11 @@ class SequentialCooperativeDistillation(nn.Module):
             )
         if self.grouping is not None:
             return tuple(
-                sorted(_partition(self.grouping(s.clone()), self.num_tasks, "grouping(S)"))
+                sorted(check_partition("grouping(S)", self.grouping(s.clone()), self.num_tasks))
             )
-        return _partition(_agglomerate(s, self.threshold, self.n_blocks), self.num_tasks, "blocks")
+        return check_partition(
+            "blocks", _agglomerate(s, self.threshold, self.n_blocks), self.num_tasks
+        )
 
     def _task_complexity(self, n_blocks: int) -> Tensor | None:
         if self._complexity_given is not None:
@@ -444,7 +425,7 @@ class SequentialCooperativeDistillation(nn.Module):
     def step(self, epoch: int) -> None:
         """Enter ``epoch`` (0-based): builds the schedule at the end of the warm-up and passes
         the epoch on to ``base.step`` where it has one."""
-        self.epoch = _int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0)
         base_step = getattr(self.base, "step", None)
         if callable(base_step):
             base_step(epoch)
@@ -461,7 +442,7 @@ class SequentialCooperativeDistillation(nn.Module):
 
     def weights(self, epoch: int | None = None) -> Tensor:
         """The ``(K,)`` float64 per-task distillation weights at ``epoch`` (default current)."""
-        e = self.epoch if epoch is None else _int("epoch", epoch, 0)
+        e = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         w = torch.zeros(self.num_tasks, dtype=torch.float64)
         now = self.stage(e)
         if now is None:
@@ -502,12 +483,12 @@ class SequentialCooperativeDistillation(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         blocks = state["blocks"]
-        self.blocks = None if blocks is None else _partition(blocks, self.num_tasks, "blocks")
+        self.blocks = None if blocks is None else check_partition("blocks", blocks, self.num_tasks)
         self.order = None if state["order"] is None else tuple(state["order"])
         bounds = state["stage_boundaries"]
         self.stage_boundaries = None if bounds is None else tuple(bounds)
         self.complexity = state["complexity"]
-        self.epoch = _int("epoch", state["epoch"], 0)
+        self.epoch = check_int("epoch", state["epoch"], 0)
         self._sim_sum, self._sim_count = state["similarity_sum"], state["similarity_count"]
         self._loss_sums, self._loss_count = state["loss_sums"], state["loss_count"]
         self._loss_epoch = state["loss_epoch"]

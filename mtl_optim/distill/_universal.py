@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._validation import check_int
 from ._adaptor import Features, PerTask, _TeacherDistillation, as_levels
 
 __all__ = ["UniversalRepresentationLoss"]
@@ -183,10 +184,7 @@ class UniversalRepresentationLoss(_TeacherDistillation):
             isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
         ):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if total_epochs is not None and (
-            isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1
-        ):
-            raise ValueError(f"total_epochs must be an int >= 1 or None, got {total_epochs!r}")
+        check_int("total_epochs", total_epochs, 1, optional=True)
         self.form = form
         self.sigma = _nonnegative("sigma", sigma)
         self.beta = _nonnegative("beta", beta)
@@ -196,9 +194,7 @@ class UniversalRepresentationLoss(_TeacherDistillation):
 
     def step(self, epoch: int) -> None:
         """Set the current epoch (0-based) for the annealing weight."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, 0)
 
     def annealing_weight(self, epoch: int | None = None) -> float:
         r""":math:`w(e) = \max(0, 1 - e/E)`, or 1 without ``total_epochs`` (``e``: default the

@@ -16,8 +16,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from .._linalg import gramian, normalized_gramian
+from .._validation import check_int
 from ..adatask import AdaTask
-from ..engine import TaskGradients, as_losses, gramian
+from ..engine import TaskGradients, as_losses
 from ..optimizer import MTLOptimizer
 
 __all__ = ["TaskAffinity"]
@@ -185,8 +187,7 @@ class TaskAffinity:
             raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> K losses")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+        check_int("every", every, 1)
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         if virtual_step not in self.VIRTUAL_STEPS:
@@ -336,9 +337,7 @@ class TaskAffinity:
         if not columns:
             raise ValueError("method='cosine' needs shared weight tensors with ndim > 1")
         index = torch.cat(columns).to(jacobian.device)
-        gram = gramian(jacobian.index_select(1, index))
-        norms = gram.diagonal().sqrt()
-        return gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
+        return normalized_gramian(gramian(jacobian.index_select(1, index)))[0]
 
     # --- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -11,15 +11,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._method import Seeded
+from .._validation import check_int
 from ..engine import as_losses
 from ..optimizer import MTLOptimizer
 
 __all__ = ["RandomTaskGrouping"]
-
-
-def _count(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 class _GroupSchedule(Seeded):
@@ -124,8 +120,8 @@ class RandomTaskGrouping(MTLOptimizer):
             raise ValueError(
                 "RandomTaskGrouping needs route='jacobian': the Gramian route weights all K tasks"
             )
-        _count("n_groups", n_groups)
-        _count("group_size", group_size)
+        check_int("n_groups", n_groups, 1, optional=True)
+        check_int("group_size", group_size, 1, optional=True)
         if n_groups is not None and group_size is not None:
             raise ValueError("give n_groups or group_size, not both")
         if n_groups is None and group_size is None:

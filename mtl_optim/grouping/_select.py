@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import check_int
+
 __all__ = ["Grouping", "select_groups"]
 
 #: The official score of a task in a singleton group: serving a task alone is all but forbidden.
@@ -271,14 +273,10 @@ def select_groups(
     """
     a = _as_matrix(affinity)
     k = a.shape[0]
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int):
-        raise TypeError(f"n_groups must be an int, got {n_groups!r}")
-    if n_groups < 1:
-        raise ValueError(f"n_groups must be at least 1, got {n_groups}")
+    check_int("n_groups", n_groups, 1)
     if method not in ("auto", "exact", "beam"):
         raise ValueError(f"method must be 'auto', 'exact' or 'beam', got {method!r}")
-    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
-        raise ValueError(f"beam_width must be a positive int, got {beam_width!r}")
+    check_int("beam_width", beam_width, 1)
     if method == "exact" and k > EXACT_MAX_TASKS:
         raise ValueError(
             f"method='exact' supports at most {EXACT_MAX_TASKS} tasks (got {k}); use 'beam'"

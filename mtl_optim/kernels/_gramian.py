@@ -19,9 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mtl_optim.engine import gramian as _engine_gramian
-
 from .._backend import interpreted
+from .._linalg import gramian as _engine_gramian
 from ._launch import _on
 
 __all__ = ["gramian", "gramian_reference"]

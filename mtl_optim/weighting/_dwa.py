@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._validation import positive
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
 

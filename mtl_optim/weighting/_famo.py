@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import check_num_tasks
 from ._base import Weighting
 from ._epoch_means import pop_state
-from ._uncertainty import _check_num_tasks
 
 #: Added to :math:`L_i - \ell^*_i` before the logarithm (the official code's constant).
 FAMO_EPS = 1e-8
@@ -85,7 +85,7 @@ class FAMO(Weighting):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        self.num_tasks = _check_num_tasks(num_tasks)
+        self.num_tasks = check_num_tasks(num_tasks)
         if not (math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
         if not (math.isfinite(w_lr) and w_lr > 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._validation import positive
 from ._base import Weighting
 from ._scale_invariant import LOG_EPS, check_nonnegative, safe_log
 

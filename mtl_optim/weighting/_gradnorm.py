@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._linalg import LOG_EPS
+from .._validation import check_nonnegative, check_num_tasks
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
-from ._scale_invariant import LOG_EPS, check_nonnegative
-from ._uncertainty import _check_num_tasks
 
 _INITIAL = ("first", "epoch")
 
@@ -88,7 +88,7 @@ class GradNorm(Weighting):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        self.num_tasks = _check_num_tasks(num_tasks)
+        self.num_tasks = check_num_tasks(num_tasks)
         if not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
         self.alpha = alpha

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import LOG_EPS, safe_log
+from .._validation import check_nonnegative, positive
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
-from ._scale_invariant import LOG_EPS, check_nonnegative, safe_log
 
 
 class IGB(Weighting):

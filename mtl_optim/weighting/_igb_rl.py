@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import Seeded, positive
+from .._linalg import LOG_EPS, safe_log
+from .._method import Seeded
+from .._validation import check_int, check_nonnegative, positive
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
 from ._sac import LOGPROBS, SAC, schedule
-from ._scale_invariant import LOG_EPS, check_nonnegative, safe_log
 
 _STATE_KEYS = (
     "base_losses",
@@ -27,14 +28,6 @@ _STATE_KEYS = (
     "sac_updates",
     "agent",
 )
-
-
-def _count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
 
 
 class IGBRL(Seeded, Weighting):
@@ -136,15 +129,15 @@ class IGBRL(Seeded, Weighting):
         eps: float = LOG_EPS,
         seed: int | None = None,
     ) -> None:
-        self.steps_per_epoch = _count("steps_per_epoch", steps_per_epoch, 1)
-        self.base_epoch = _count("base_epoch", base_epoch, 0)
-        self.start_epoch = _count("start_epoch", start_epoch, 0)
-        self.update_after = _count("update_after", update_after, 0)
+        self.steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, 1)
+        self.base_epoch = check_int("base_epoch", base_epoch, 0)
+        self.start_epoch = check_int("start_epoch", start_epoch, 0)
+        self.update_after = check_int("update_after", update_after, 0)
         # The schedule halves update_every and batch_size when the buffer is nearly empty.
-        self.update_every = _count("update_every", update_every, 2)
+        self.update_every = check_int("update_every", update_every, 2)
         self.sac_lr = positive("sac_lr", sac_lr)
-        self.buffer_size = _count("buffer_size", buffer_size, 1)
-        self.batch_size = _count("batch_size", batch_size, 2)
+        self.buffer_size = check_int("buffer_size", buffer_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 2)
         if logprob not in LOGPROBS:
             raise ValueError(f"logprob must be one of {LOGPROBS}, got {logprob!r}")
         self.logprob = logprob

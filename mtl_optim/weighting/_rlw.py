@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._method import Seeded, positive
+from .._method import Seeded
+from .._validation import positive
 from ._base import Weighting
 
 _DISTRIBUTIONS = ("normal", "dirichlet")

@@ -5,25 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import LOG_EPS, safe_log
+from .._validation import check_nonnegative, positive
 from ._base import Weighting
-
-#: Floor under the losses before the logarithm (spec §6 decision).
-LOG_EPS = 1e-8
-
-
-def check_nonnegative(losses: Tensor, who: str) -> None:
-    """Raise ``ValueError`` if any loss is negative (its logarithm is undefined)."""
-    if bool((losses.detach() < 0).any()):
-        raise ValueError(
-            f"{who} takes the log of the losses and needs them >= 0, got {losses.detach().tolist()}"
-        )
-
-
-def safe_log(losses: Tensor, eps: float = LOG_EPS) -> Tensor:
-    r""":math:`\log \max(L_i, \varepsilon)`; the gradient is :math:`1/L_i` where
-    :math:`L_i > \varepsilon` and 0 where the floor is active."""
-    return torch.log(torch.clamp(losses, min=eps))
 
 
 class ScaleInvariant(Weighting):

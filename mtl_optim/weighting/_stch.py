@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._method import positive
+from .._linalg import LOG_EPS, safe_log
+from .._validation import check_int, check_nonnegative, positive
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
-from ._scale_invariant import LOG_EPS, check_nonnegative, safe_log
 
 
 class STCH(Weighting):
@@ -75,9 +75,7 @@ class STCH(Weighting):
         if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"mu must be finite and positive, got {mu!r}")
         self.mu = mu
-        if isinstance(warmup_epoch, bool) or not isinstance(warmup_epoch, int) or warmup_epoch < 0:
-            raise ValueError(f"warmup_epoch must be an int >= 0, got {warmup_epoch!r}")
-        self.warmup_epoch = warmup_epoch
+        self.warmup_epoch = check_int("warmup_epoch", warmup_epoch, 0)
         if preference is not None:
             preference = tuple(float(v) for v in preference)
             if not preference or not all(math.isfinite(v) and v > 0 for v in preference):

@@ -8,19 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._method import positive
+from .._validation import check_int, check_num_tasks, check_partition, positive
 from ._base import Weighting
 from ._dwa import DWA
 from ._epoch_means import EpochMeans, pop_state
 
 #: Floor under the first-epoch mean losses in the convergence ratio of ``GroupedUncertainty``.
 RATIO_EPS = 1e-12
-
-
-def _check_num_tasks(num_tasks: Any) -> int:
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
-    return num_tasks
 
 
 class _UncertaintyBase(Weighting):
@@ -46,7 +40,7 @@ class _UncertaintyBase(Weighting):
         dtype: torch.dtype,
         device: torch.device | str | None,
     ) -> None:
-        self.num_tasks = _check_num_tasks(num_tasks)
+        self.num_tasks = check_num_tasks(num_tasks)
         init = float(init)
         if init != init or init in (float("inf"), float("-inf")):
             raise ValueError(f"init must be finite, got {init!r}")
@@ -159,7 +153,7 @@ class Uncertainty(_UncertaintyBase):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        num_tasks = _check_num_tasks(num_tasks)
+        num_tasks = check_num_tasks(num_tasks)
         super().__init__(
             num_tasks,
             num_tasks,
@@ -243,9 +237,8 @@ class GroupedUncertainty(_UncertaintyBase):
         if groups is None:
             if num_tasks is None or n_groups is None:
                 raise ValueError("groups=None needs num_tasks and n_groups")
-            num_tasks = _check_num_tasks(num_tasks)
-            if isinstance(n_groups, bool) or not isinstance(n_groups, int):
-                raise ValueError(f"n_groups must be an int, got {n_groups!r}")
+            num_tasks = check_num_tasks(num_tasks)
+            check_int("n_groups", n_groups, 1)
             if not 1 <= n_groups <= num_tasks:
                 raise ValueError(f"n_groups must be in [1, num_tasks={num_tasks}], got {n_groups}")
             assignment = self._blocks(list(range(num_tasks)), n_groups)
@@ -275,18 +268,8 @@ class GroupedUncertainty(_UncertaintyBase):
     @staticmethod
     def _partition(groups: Sequence[Sequence[int]]) -> list[int]:
         """Task -> group index, checking that ``groups`` partitions ``range(K)``."""
-        owner: dict[int, int] = {}
-        for g, members in enumerate(groups):
-            if len(members) == 0:
-                raise ValueError(f"group {g} is empty")
-            for i in members:
-                if isinstance(i, bool) or not isinstance(i, int):
-                    raise ValueError(f"task indices must be ints, got {i!r}")
-                if i in owner:
-                    raise ValueError(f"task {i} is in more than one group")
-                owner[i] = g
-        if not owner or sorted(owner) != list(range(len(owner))):
-            raise ValueError(f"groups must partition range(K), got {groups!r}")
+        blocks = check_partition("groups", groups)
+        owner = {i: g for g, members in enumerate(blocks) for i in members}
         return [owner[i] for i in range(len(owner))]
 
     @staticmethod
@@ -437,7 +420,7 @@ class ConstrainedUncertainty(_UncertaintyBase):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        num_tasks = _check_num_tasks(num_tasks)
+        num_tasks = check_num_tasks(num_tasks)
         lo, hi = (float(b) for b in bounds)
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"bounds must be (lo, hi) with 0 < lo <= 1 <= hi, got {bounds!r}")
