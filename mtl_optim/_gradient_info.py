@@ -1,4 +1,4 @@
-"""What a gradient hook sees after each ``backward`` (see ``MTLOptimizer.register_gradient_hook``)."""
+"""What a gradient hook sees after each ``backward`` (``MTLOptimizer.register_gradient_hook``)."""
 
 from __future__ import annotations
 

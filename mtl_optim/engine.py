@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -154,8 +155,8 @@ def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: T
         dst = out[..., offset : offset + n]
         if g is None:
             dst.zero_()
-        else:
-            dst.copy_(g.reshape(*out.shape[:-1], n))
+        else:  # a sparse gradient (nn.Embedding(sparse=True)) is densified into its row
+            dst.copy_((g.to_dense() if g.is_sparse else g).reshape(*out.shape[:-1], n))
         offset += n
 
 
@@ -416,10 +417,44 @@ class TaskGradients:
         assert self.shared is not None
         views = [v for s in self.slices for v in s.split(combined[s.start : s.stop])]
         for i, (p, v) in enumerate(zip(self.shared, views)):
-            if p.grad is None:
+            if p.grad is None or p.grad.is_sparse:  # the combination is dense
                 p.grad = torch.empty_like(p)
             extra = None if base is None else base[i]
+            if extra is not None and extra.is_sparse:
+                extra = extra.to_dense()
             if extra is None:
                 p.grad.copy_(v)
             else:
                 torch.add(extra, v.to(p.dtype), out=p.grad)
+
+    # --- what an engine for sharded parameters (mtl_optim._sharded) does differently --------
+    def validate(self, optimizer: Any, features: Any) -> None:
+        """Refuse, before anything changes, what this engine cannot serve (nothing here)."""
+
+    def replicated(self, params: list[Tensor]) -> list[Tensor]:
+        """The parameters whose gradients the optimizer averages across ranks itself."""
+        return params
+
+    def finite_inputs(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The tensors the optimizer's finiteness check looks at (these, unchanged)."""
+        return tensors
+
+    def row_weights(self, agg: Any, jacobian: Tensor) -> Tensor:
+        """A weighted aggregator's weights for ``J``."""
+        return agg.weights(jacobian)
+
+    def aggregate(self, agg: Any, jacobian: Tensor) -> Tensor:
+        """An aggregator's direction for ``J``."""
+        return agg(jacobian)
+
+    def transform(self, agg: Any, jacobian: Tensor) -> Tensor:
+        """An aggregator's per-task edited rows for ``J``."""
+        return agg.transform(jacobian)
+
+    def to_checkpoint(self, mtl: dict[str, Any], param_groups: Sequence[dict]) -> dict[str, Any]:
+        """The optimizer's ``"mtl"`` checkpoint entry as saved (unchanged here)."""
+        return mtl
+
+    def from_checkpoint(self, mtl: dict[str, Any], param_groups: Sequence[dict]) -> dict[str, Any]:
+        """A saved ``"mtl"`` entry as the optimizer loads it (unchanged here)."""
+        return mtl

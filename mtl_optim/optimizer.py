@@ -16,8 +16,9 @@ from torch.optim import Optimizer
 from ._distributed import Replicas
 from ._gradient_info import GradientHook, GradientInfo
 from ._method import clone_state
-from .aggregators import Aggregator, GramianWeighting, RowWeighting
-from .engine import TaskGradients, as_losses, gramian, reachable_params
+from ._sharded import make_engine
+from .aggregators import Aggregator, GramianWeightedAggregator, WeightedAggregator
+from .engine import as_losses, gramian, reachable_params
 from .weighting import Weighting
 
 __all__ = ["MTLOptimizer", "NonFiniteError"]
@@ -103,7 +104,7 @@ class MTLOptimizer(Optimizer):
             parameter that two or more losses reach in the autograd graph is shared.
         route: how shared gradients are formed when an aggregator is set. ``"jacobian"``
             (default) stores the ``(K, d)`` per-task gradients and combines them.
-            ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeighting`
+            ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeightedAggregator`
             aggregators) never stores ``J``: it forms the ``K×K`` Gramian from
             activation-sized gradients (:mod:`mtl_optim._streamed_gramian`), computes the
             weights ``w`` and runs one backward of :math:`\sum_i w_i o_i`. It trades about
@@ -153,10 +154,10 @@ class MTLOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if route not in ("jacobian", "gramian"):
             raise ValueError(f"route must be 'jacobian' or 'gramian', got {route!r}")
-        if route == "gramian" and not isinstance(aggregator, GramianWeighting):
+        if route == "gramian" and not isinstance(aggregator, GramianWeightedAggregator):
             raise ValueError(
                 "route='gramian' needs an aggregator that depends only on the Gramian "
-                f"(a GramianWeighting, e.g. MGDA, NashMTL, IMTLG), got {aggregator!r}"
+                f"(a GramianWeightedAggregator, e.g. MGDA, NashMTL, IMTLG), got {aggregator!r}"
             )
         if route == "gramian" and (
             self._per_task_state or (weighting and weighting.needs_jacobian)
@@ -186,13 +187,13 @@ class MTLOptimizer(Optimizer):
         self._scale: Tensor | None = None  # the GradScaler's scale during a backward call
         self._window_state: tuple[Any, Any, Any] | None = None  # see _start_of_window
         self._shared_arg = None if shared is None else list(shared)
-        self._engine = TaskGradients()
+        self._engine = make_engine(self.param_groups)  # FSDP2-sharded params: own engine
         self._upstream: set[int] | None = None  # params above `features`, found on first use
         self._external: list[Tensor | None] | None = None
         self._skip = False
         self.last_weights: Tensor | None = None
         self._layout: tuple | None = None  # see _param_layout
-        self._backward_calls = 0  # opt.backward calls in this window (see step)
+        self._backward_calls = 0  # opt.backward calls since zero_grad (see step)
         self._warned_plain_backward = False
         # an OrderedDict: RemovableHandle keeps a weak reference to it
         self._gradient_hooks: OrderedDict[int, tuple[GradientHook, bool]] = OrderedDict()
@@ -219,13 +220,13 @@ class MTLOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._new_window()
+        self._backward_calls = 0  # opt.backward calls since zero_grad (see step)
 
     def _new_window(self) -> None:
         self._engine.reset()
         self._external = None
         self._skip = False
         self._window_state = None
-        self._backward_calls = 0
 
     def _rollback(self) -> None:
         """A skipped step leaves no trace: method state goes back to the window start."""
@@ -276,6 +277,7 @@ class MTLOptimizer(Optimizer):
             "weighting": None if self.weighting is None else self.weighting.state_dict(),
             **self._extra_state(),
         }
+        sd["mtl"] = engine.to_checkpoint(sd["mtl"], self.param_groups)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -290,6 +292,7 @@ class MTLOptimizer(Optimizer):
         mtl = state_dict.pop("mtl", None)
         if mtl is None:
             raise ValueError("not an MTLOptimizer state_dict: the 'mtl' entry is missing")
+        mtl = self._engine.from_checkpoint(mtl, self.param_groups)
         self._check_checkpoint(state_dict, mtl)
         before = (
             copy.deepcopy(self._base.state_dict()),
@@ -498,6 +501,7 @@ class MTLOptimizer(Optimizer):
         if self._skip:  # this window already saw a non-finite value; the step is skipped
             return
         replicas = self._replicas_()
+        self._engine.validate(self, features)
         if features is not None:  # validated before any state moves
             features = [features] if isinstance(features, Tensor) else list(features)
             if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
@@ -506,7 +510,10 @@ class MTLOptimizer(Optimizer):
                     "graph between the shared trunk and the task heads"
                 )
             if replicas.active and (
-                not (self.aggregator is None or isinstance(self.aggregator, GramianWeighting))
+                not (
+                    self.aggregator is None
+                    or isinstance(self.aggregator, GramianWeightedAggregator)
+                )
                 or self._weighting_needs_j
             ):
                 raise ValueError(
@@ -607,6 +614,8 @@ class MTLOptimizer(Optimizer):
     def _check_plain_backward(self) -> None:
         """``loss.backward(); opt.step()`` with a method set skips the method: say so, once."""
         if self._backward_calls or self._warned_plain_backward or not self._has_method:
+            # opt.backward since the last zero_grad: a second step() on the same gradients is
+            # torch semantics, not misuse
             return
         if any(p.grad is not None for g in self.param_groups for p in g["params"]):
             self._warned_plain_backward = True
@@ -661,6 +670,7 @@ class MTLOptimizer(Optimizer):
     def _mean_grads(self, params: list[Tensor]) -> None:
         """Average ``.grad`` of ``params`` across ranks (a parameter without a gradient on this
         rank but with one on another takes part with zeros)."""
+        params = self._engine.replicated(params)
         replicas = self._replicas_()
         if not replicas.active or not params:
             return
@@ -740,14 +750,14 @@ class MTLOptimizer(Optimizer):
         agg = self.aggregator
         if agg is None:
             return jacobian.sum(0)
-        if isinstance(agg, RowWeighting):
+        if isinstance(agg, WeightedAggregator):
             return self._row_weights(agg, jacobian) @ jacobian
         self.last_weights = None
-        return agg(jacobian)
+        return self._engine.aggregate(agg, jacobian)
 
-    def _row_weights(self, agg: RowWeighting, jacobian: Tensor) -> Tensor:
+    def _row_weights(self, agg: WeightedAggregator, jacobian: Tensor) -> Tensor:
         """The aggregator's row weights, folded into ``last_weights`` (times the weighting's)."""
-        w = agg.weights(jacobian)
+        w = self._engine.row_weights(agg, jacobian)
         self.last_weights = w if self.last_weights is None else w * self.last_weights
         return w
 
@@ -883,8 +893,11 @@ class MTLOptimizer(Optimizer):
 
         With ``skip=False`` a non-finite value only warns (and returns False); the step is kept.
         """
+        tensors = self._engine.finite_inputs(tensors)
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in tensors:
+            if t.is_sparse:  # nn.Embedding(sparse=True): check the stored values
+                t = t.coalesce().values()
             groups.setdefault((t.device, t.dtype), []).append(t)
         bad = 0.0
         for (device, _), group in groups.items():
