@@ -135,7 +135,7 @@ def exported(module: ModuleType) -> dict[str, type]:
         if isinstance(cls := getattr(module, name), type)
         and issubclass(cls, bases)
         and not inspect.isabstract(cls)
-        and cls not in (aggregators.RowWeighting, aggregators.GramianWeighting)
+        and cls not in (aggregators.WeightedAggregator, aggregators.GramianWeightedAggregator)
     }
 
 

@@ -62,7 +62,7 @@ from torch.optim import Adagrad, Adam, AdamW, RMSprop
 from ._backend import interpreted as _interpreted
 from ._backend import scalar as _scalar
 from ._backend import triton_installed as _triton_installed
-from .aggregators import RowWeighting
+from .aggregators import WeightedAggregator
 from .engine import GroupSlice
 from .optimizer import MTLOptimizer
 
@@ -320,7 +320,7 @@ class AdaTask(MTLOptimizer):
         agg = self.aggregator
         if agg is None:
             rows = jacobian
-        elif isinstance(agg, RowWeighting):
+        elif isinstance(agg, WeightedAggregator):
             rows = self._row_weights(agg, jacobian).unsqueeze(1) * jacobian
         else:
             rows = agg.transform(jacobian)

@@ -7,12 +7,12 @@ from torch import Tensor
 
 from .._linalg import gramian
 from .._validation import positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-class AlignedMTL(GramianWeighting):
+class AlignedMTL(GramianWeightedAggregator):
     r"""Aligned-MTL: make the gradient system's condition number 1, then sum.
 
     Senushkin et al., *Independent Component Alignment for Multi-Task Learning*, CVPR 2023,

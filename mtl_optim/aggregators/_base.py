@@ -1,7 +1,7 @@
 """Base classes of the gradient aggregators.
 
 An aggregator maps the per-task gradient matrix ``J ∈ R^{K×d}`` (rows ``g_i``, produced by the
-engine) to one direction ``(d,)``. A *row weighting* is an aggregator of the form ``Jᵀ w(J)``.
+engine) to one direction ``(d,)``. A *weighted aggregator* is one of the form ``Jᵀ w(J)``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Aggregator(Method, ABC):
         return self(jacobian).expand_as(jacobian) / jacobian.shape[0]
 
 
-class RowWeighting(Aggregator):
+class WeightedAggregator(Aggregator):
     """An aggregator ``Jᵀ w`` whose weights ``w ∈ R^K`` are computed from ``J``."""
 
     @abstractmethod
@@ -60,8 +60,9 @@ class RowWeighting(Aggregator):
         return self.weights(jacobian).unsqueeze(1) * jacobian
 
 
-class GramianWeighting(RowWeighting):
-    r"""A row weighting whose weights depend on ``J`` only through the Gramian :math:`M = JJ^\top`.
+class GramianWeightedAggregator(WeightedAggregator):
+    r"""A weighted aggregator whose weights depend on ``J`` only through the Gramian
+    :math:`M = JJ^\top`.
 
     Subclasses implement :meth:`weights_from_gramian`. The optimizer can then use its Gramian
     route: it forms the ``K×K`` Gramian (float64) without keeping ``J`` for the combination and

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_int, positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 from ._simplex import project_to_simplex
 
 _RESCALES = (0, 1, 2)
@@ -17,7 +17,7 @@ _EPS = 1e-8  # the official constants of φ, sqrt(wᵀMw + ·) and λ's denomina
 _COARSE_GAP = 1e-6  # FISTA hands over to Newton at this Frank-Wolfe gap
 
 
-class CAGrad(GramianWeighting):
+class CAGrad(GramianWeightedAggregator):
     r"""CAGrad: the average gradient corrected towards the worst-served task.
 
     Liu et al., *Conflict-Averse Gradient Descent for Multi-task Learning*, NeurIPS 2021,

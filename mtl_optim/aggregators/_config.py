@@ -9,12 +9,12 @@ from torch import Tensor
 
 from .._linalg import normalized_gramian
 from .._validation import positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 _LENGTHS = ("projection", "min", "max", "arithmetic", "geometric", "harmonic")
 
 
-class ConFIG(GramianWeighting):
+class ConFIG(GramianWeightedAggregator):
     r"""ConFIG: Conflict-Free Inverse Gradients.
 
     Liu, Chu & Thuerey, *ConFIG: Towards Conflict-free Training of Physics Informed Neural
@@ -35,7 +35,7 @@ class ConFIG(GramianWeighting):
     ``"arithmetic"``, ``"geometric"``, ``"harmonic"``: :math:`\ell = \tau \sum_i u_i^\top\hat x`
     with :math:`\tau` that statistic of the norms :math:`\lVert g_i\rVert`.
 
-    **A Gramian row weighting.** :math:`U^+ = U^\top (UU^\top)^+`, so :math:`x = J^\top a` with
+    **Weights from the Gramian.** :math:`U^+ = U^\top (UU^\top)^+`, so :math:`x = J^\top a` with
     :math:`a = D^{-1}(UU^\top)^+ p`, :math:`D = \operatorname{diag}(\lVert g_i\rVert)` and
     :math:`UU^\top = D^{-1} M D^{-1}` (:math:`M = JJ^\top`); :math:`\lVert x\rVert^2 =
     a^\top M a` and :math:`\sum_i g_i^\top x = \mathbf 1^\top M a`. So the direction is

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 _EPS = torch.finfo(torch.float64).eps
 
@@ -192,7 +192,7 @@ def non_negative(name: str, value: float) -> float:
     return float(value)
 
 
-class DualConeWeighting(GramianWeighting):
+class DualConeAggregator(GramianWeightedAggregator):
     """What UPGrad and DualProj share: a preference vector and the regularised Gramian.
 
     Subclasses turn :meth:`cone_gramian` and :attr:`preference` into weights.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._dual_cone import DualConeWeighting, dual_cone_weights
+from ._dual_cone import DualConeAggregator, dual_cone_weights
 
 
-class DualProj(DualConeWeighting):
+class DualProj(DualConeAggregator):
     r"""DualProj: :math:`d = \pi_J(J^\top p)`, the weighted mean made non-conflicting.
 
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from .._validation import positive
-from ._base import RowWeighting
+from ._base import WeightedAggregator
 
 
-class ExcessMTL(RowWeighting):
+class ExcessMTL(WeightedAggregator):
     r"""ExcessMTL: exponentiated-gradient weights on the tasks' estimated excess risks.
 
     He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024,

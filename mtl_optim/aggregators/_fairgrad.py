@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._linalg import TINY
 from .._validation import check_int, positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 _EPS = torch.finfo(torch.float64).eps
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
@@ -44,7 +44,7 @@ _UNSOLVABLE = 0.5  # a relative residual above this means "no solution" (see the
 _DIVERGED = 1e12  # a normalised weight above this means the problem is (numerically) unbounded
 
 
-class FairGrad(GramianWeighting):
+class FairGrad(GramianWeightedAggregator):
     r"""FairGrad: the weights :math:`w > 0` with :math:`(JJ^\top w)_i = w_i^{-1/\alpha}`.
 
     Ban & Ji, ICML 2024, arXiv `2402.15638 <https://arxiv.org/abs/2402.15638>`_. The

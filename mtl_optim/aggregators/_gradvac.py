@@ -10,10 +10,10 @@ from torch import Tensor
 from .._linalg import gramian
 from .._method import Seeded
 from .._validation import positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 
-class GradVac(Seeded, GramianWeighting):
+class GradVac(Seeded, GramianWeightedAggregator):
     r"""Gradient Vaccine: PCGrad with an adaptive, per-pair target cosine.
 
     Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization in
@@ -34,7 +34,7 @@ class GradVac(Seeded, GramianWeighting):
     corrected, :math:`\hat\phi_{ij} \leftarrow (1-\beta)\hat\phi_{ij} + \beta\phi_{ij}` (the
     paper's Equation 3, with :math:`\hat\phi^{(0)} = 0`). The direction is
     :math:`\sum_i \hat g_i`. Each :math:`\hat g_i = \sum_k C_{ik} g_k` is a combination of the
-    rows, so everything runs on the ``K×K`` Gramian: this is a row weighting with weights
+    rows, so everything runs on the ``K×K`` Gramian: this is a weighted aggregator with weights
     :math:`w = \mathbf 1^\top C`, and :meth:`transform` returns the rows :math:`\hat g_i`
     (for AdaTask). The first call (all targets 0) is PCGrad.
 

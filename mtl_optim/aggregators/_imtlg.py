@@ -7,10 +7,10 @@ from torch import Tensor
 
 from .._linalg import TINY
 from .._validation import positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 
-class IMTLG(GramianWeighting):
+class IMTLG(GramianWeightedAggregator):
     r"""IMTL-G weights: :math:`d = J^\top\alpha` with :math:`d\cdot u_i` equal for all tasks.
 
     Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021 (spec §5). With the unit

@@ -3,10 +3,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 
-class Mean(GramianWeighting):
+class Mean(GramianWeightedAggregator):
     r"""Average :math:`\frac{1}{K}\sum_i g_i` of the per-task gradients."""
 
     def weights(self, jacobian: Tensor) -> Tensor:

@@ -7,13 +7,13 @@ import torch
 from torch import Tensor
 
 from .._validation import check_int, positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 from ._simplex import project_to_simplex
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-class MGDA(GramianWeighting):
+class MGDA(GramianWeightedAggregator):
     r"""MGDA: the minimum-norm point of the convex hull of the task gradients.
 
     Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018,

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._linalg import TINY
 from .._validation import check_int, positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 _SOLVERS = ("newton", "cvxpy")
 
@@ -46,7 +46,7 @@ _ACCEPT = 1e-4  # a final max |alpha_i (M alpha)_i - 1| above this means "no sol
 _DIVERGED = 1e12  # a normalised weight above this means the problem is (numerically) unbounded
 
 
-class NashMTL(GramianWeighting):
+class NashMTL(GramianWeightedAggregator):
     r"""Nash-MTL weights :math:`\alpha` with :math:`\alpha_i (M\alpha)_i = 1`, :math:`M = JJ^\top`.
 
     Navon et al., ICML 2022, arXiv `2202.01017 <https://arxiv.org/abs/2202.01017>`_ (spec §2).

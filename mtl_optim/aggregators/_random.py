@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from .._method import Seeded
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 
-class Random(Seeded, GramianWeighting):
+class Random(Seeded, GramianWeightedAggregator):
     r"""Random weights :math:`w = \operatorname{softmax}(\tilde\lambda)`,
     :math:`\tilde\lambda \sim \mathcal N(0, I_K)`, drawn afresh at every call.
 

@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from .._validation import check_int, positive
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 from ._simplex import simplex_projection
 
 
-class SDMGrad(GramianWeighting):
+class SDMGrad(GramianWeightedAggregator):
     r"""SDMGrad: a min-norm combination pulled towards the average gradient.
 
     Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and Provable Stochastic

@@ -3,10 +3,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import GramianWeighting
+from ._base import GramianWeightedAggregator
 
 
-class Sum(GramianWeighting):
+class Sum(GramianWeightedAggregator):
     r"""Unweighted sum :math:`\sum_i g_i = \nabla_{\theta_s} \sum_i L_i` (linear scalarisation)."""
 
     def weights(self, jacobian: Tensor) -> Tensor:

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from .._linalg import gramian
-from ._dual_cone import DualConeWeighting, dual_cone_weights
+from ._dual_cone import DualConeAggregator, dual_cone_weights
 
 
-class UPGrad(DualConeWeighting):
+class UPGrad(DualConeAggregator):
     r"""UPGrad: project every :math:`p_i g_i` onto the dual cone of the rows and sum.
 
     Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, arXiv
