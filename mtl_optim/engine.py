@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -174,7 +174,7 @@ class TaskGradients:
 
     STRATEGIES = ("loop", "batched")
 
-    def __init__(self, strategy: str = "loop") -> None:
+    def __init__(self, strategy: Literal["loop", "batched"] = "loop") -> None:
         if strategy not in self.STRATEGIES:
             raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
         self.strategy = strategy

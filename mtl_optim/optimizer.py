@@ -7,7 +7,7 @@ import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -135,8 +135,8 @@ class MTLOptimizer(Optimizer):
         aggregator: Aggregator | None = None,
         weighting: Weighting | None = None,
         shared: Iterable[Tensor] | None = None,
-        nonfinite: str = "skip",
-        route: str = "jacobian",
+        nonfinite: Literal["skip", "raise"] = "skip",
+        route: Literal["jacobian", "gramian"] = "jacobian",
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:

@@ -2,6 +2,8 @@ r"""Aligned-MTL: align the task gradients' principal components to equal magnitu
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -9,7 +11,8 @@ from .._linalg import gramian
 from .._validation import positive
 from ._base import GramianWeightedAggregator
 
-_SCALE_MODES = ("min", "median", "rmse")
+ScaleMode = Literal["min", "median", "rmse"]
+_SCALE_MODES = get_args(ScaleMode)
 
 
 class AlignedMTL(GramianWeightedAggregator):
@@ -55,7 +58,7 @@ class AlignedMTL(GramianWeightedAggregator):
     """
 
     def __init__(
-        self, scale_mode: str = "min", *, rtol: float = torch.finfo(torch.float32).eps
+        self, scale_mode: ScaleMode = "min", *, rtol: float = torch.finfo(torch.float32).eps
     ) -> None:
         if scale_mode not in _SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {_SCALE_MODES}, got {scale_mode!r}")

@@ -3,6 +3,7 @@ r"""ConFIG: the conflict-free direction with equal cosines to all task gradients
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -11,7 +12,8 @@ from .._linalg import normalized_gramian
 from .._validation import positive
 from ._base import GramianWeightedAggregator
 
-_LENGTHS = ("projection", "min", "max", "arithmetic", "geometric", "harmonic")
+Length = Literal["projection", "min", "max", "arithmetic", "geometric", "harmonic"]
+_LENGTHS = get_args(Length)
 
 
 class ConFIG(GramianWeightedAggregator):
@@ -77,7 +79,7 @@ class ConFIG(GramianWeightedAggregator):
         self,
         pref_vector: Sequence[float] | Tensor | None = None,
         *,
-        length: str = "projection",
+        length: Length = "projection",
         rcond: float = 1e-6,
     ) -> None:
         if pref_vector is not None:

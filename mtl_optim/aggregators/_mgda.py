@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -10,7 +11,8 @@ from .._validation import check_int, positive
 from ._base import GramianWeightedAggregator
 from ._simplex import project_to_simplex
 
-_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+Normalization = Literal["none", "l2", "loss", "loss+"]
+_NORMALIZATIONS = get_args(Normalization)
 
 
 class MGDA(GramianWeightedAggregator):
@@ -76,7 +78,7 @@ class MGDA(GramianWeightedAggregator):
 
     def __init__(
         self,
-        normalization: str = "none",
+        normalization: Normalization = "none",
         *,
         max_iter: int = 250,
         tol: float = 1e-5,

@@ -3,7 +3,7 @@ r"""MoCo: multi-objective gradient correction with tracked task gradients."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -12,8 +12,10 @@ from .._linalg import gramian
 from ._base import Aggregator
 from ._simplex import simplex_projection
 
-_NORMALIZATIONS = ("none", "l2", "loss")
-_LAMBDA_UPDATES = ("projection", "softmax")
+Normalization = Literal["none", "l2", "loss"]
+LambdaUpdate = Literal["projection", "softmax"]
+_NORMALIZATIONS = get_args(Normalization)
+_LAMBDA_UPDATES = get_args(LambdaUpdate)
 _NORM_EPS = 1e-8  # LibMTL's guard in g / (‖g‖ + eps)
 
 
@@ -71,8 +73,8 @@ class MoCo(Aggregator):
         gamma_sigma: float = 0.5,
         rho: float = 0.0,
         *,
-        normalization: str = "none",
-        lambda_update: str = "projection",
+        normalization: Normalization = "none",
+        lambda_update: LambdaUpdate = "projection",
     ) -> None:
         if not 0 < beta <= 1:
             raise ValueError(f"beta must be in (0, 1], got {beta!r}")

@@ -25,7 +25,7 @@ so our default solver is a damped Newton method on :math:`f`, in torch, on the G
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from .._linalg import TINY
 from .._validation import check_int, positive
 from ._base import GramianWeightedAggregator
 
-_SOLVERS = ("newton", "cvxpy")
+Solver = Literal["newton", "cvxpy"]
+_SOLVERS = get_args(Solver)
 
 # Newton internals (float64 throughout).
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
@@ -143,7 +144,7 @@ class NashMTL(GramianWeightedAggregator):
     def __init__(
         self,
         *,
-        solver: str = "newton",
+        solver: Solver = "newton",
         update_weights_every: int = 1,
         optim_niter: int = 20,
         max_norm: float = 1.0,

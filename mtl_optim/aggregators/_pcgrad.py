@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from .._method import Seeded
 from ._base import Aggregator
 
-_REDUCTIONS = ("sum", "mean")
+Reduction = Literal["sum", "mean"]
+_REDUCTIONS = get_args(Reduction)
 
 
 class PCGrad(Seeded, Aggregator):
@@ -43,7 +46,7 @@ class PCGrad(Seeded, Aggregator):
         seed: seed of the generator of the visiting orders.
     """
 
-    def __init__(self, reduction: str = "sum", *, seed: int | None = None) -> None:
+    def __init__(self, reduction: Reduction = "sum", *, seed: int | None = None) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction

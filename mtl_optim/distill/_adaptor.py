@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,8 @@ Features = Tensor | Sequence[Tensor]
 #: Per-task values: a sequence with one entry per task, or a mapping task index -> entry.
 PerTask = Sequence[Any] | Mapping[int, Any]
 
-TEACHER_MODES = ("eval", "train")
+TeacherMode = Literal["eval", "train"]
+TEACHER_MODES = get_args(TeacherMode)
 
 
 def as_levels(features: Features, what: str) -> list[Tensor]:
@@ -287,7 +288,7 @@ class AdaptorDistillation(_TeacherDistillation):
         num_tasks: int | None = None,
         weights: Sequence[float] | None = None,
         eps: float = 1e-6,
-        teacher_mode: str = "eval",
+        teacher_mode: TeacherMode = "eval",
         teacher_forward: Callable[[nn.Module, Tensor], Features] | None = None,
     ) -> None:
         super().__init__(

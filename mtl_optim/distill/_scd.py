@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +20,10 @@ from ..engine import TaskGradients, as_losses
 
 __all__ = ["SequentialCooperativeDistillation"]
 
-SIMILARITIES = ("gradient", "affinity")
-DECAYS = ("linear", "drop", "keep")
+Similarity = Literal["gradient", "affinity"]
+Decay = Literal["linear", "drop", "keep"]
+SIMILARITIES = get_args(Similarity)
+DECAYS = get_args(Decay)
 
 Blocks = tuple[tuple[int, ...], ...]
 
@@ -166,11 +168,11 @@ class SequentialCooperativeDistillation(nn.Module):
         order: Sequence[int] | None = None,
         stage_boundaries: Sequence[int] | None = None,
         complexity: Sequence[float] | None = None,
-        similarity: str = "gradient",
+        similarity: Similarity = "gradient",
         threshold: float = 0.0,
         n_blocks: int | None = None,
         grouping: Callable[[Tensor], Sequence[Sequence[int]]] | None = None,
-        decay: str = "linear",
+        decay: Decay = "linear",
         eps: float = 1e-12,
     ) -> None:
         super().__init__()

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._validation import check_int
-from ._adaptor import Features, PerTask, _TeacherDistillation, as_levels
+from ._adaptor import Features, PerTask, TeacherMode, _TeacherDistillation, as_levels
 
 __all__ = ["UniversalRepresentationLoss"]
 
-FORMS = ("dense", "classification")
+Form = Literal["dense", "classification"]
+FORMS = get_args(Form)
 #: ``F.normalize``'s floor under the norm, as in the official code.
 NORM_EPS = 1e-12
 #: Floor under the median squared distance (the RBF bandwidth) and under HSIC(X, X).
@@ -154,7 +155,7 @@ class UniversalRepresentationLoss(_TeacherDistillation):
         teachers: Sequence[nn.Module] | None,
         channels: Sequence[int | tuple[int, int]],
         *,
-        form: str = "dense",
+        form: Form = "dense",
         num_tasks: int | None = None,
         weights: Sequence[float] | None = None,
         sigma: float = 1.0,
@@ -162,7 +163,7 @@ class UniversalRepresentationLoss(_TeacherDistillation):
         temperature: float = 8.0,
         total_epochs: int | None = None,
         nonlinear: bool = False,
-        teacher_mode: str = "eval",
+        teacher_mode: TeacherMode = "eval",
         teacher_forward: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         if form not in FORMS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,10 @@ def _replayed_randomness(devices: list[int]) -> Iterator[Callable[[], None]]:
         yield rewind
 
 
+Method = Literal["lookahead", "cosine"]
+VirtualStep = Literal["optimizer", "sgd"]
+
+
 class TaskAffinity:
     r"""TAG's inter-task affinity, measured every ``every`` steps of a training loop.
 
@@ -166,8 +170,8 @@ class TaskAffinity:
             else detects them from the autograd graph like ``MTLOptimizer`` does.
     """
 
-    METHODS = ("lookahead", "cosine")
-    VIRTUAL_STEPS = ("optimizer", "sgd")
+    METHODS = get_args(Method)
+    VIRTUAL_STEPS = get_args(VirtualStep)
 
     def __init__(
         self,
@@ -176,8 +180,8 @@ class TaskAffinity:
         loss_fn: LossFn,
         *,
         every: int = 10,
-        method: str = "lookahead",
-        virtual_step: str = "optimizer",
+        method: Method = "lookahead",
+        virtual_step: VirtualStep = "optimizer",
         normalize_by_lr: bool = True,
         shared: Sequence[Tensor] | None = None,
     ) -> None:

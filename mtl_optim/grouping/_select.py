@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor
 from .._validation import check_int
 
 __all__ = ["Grouping", "select_groups"]
+
+SearchMethod = Literal["auto", "exact", "beam"]
 
 #: The official score of a task in a singleton group: serving a task alone is all but forbidden.
 SINGLETON_SCORE = -1e6
@@ -247,7 +250,7 @@ def select_groups(
     n_groups: int,
     *,
     disjoint: bool = False,
-    method: str = "auto",
+    method: SearchMethod = "auto",
     beam_width: int = 16,
 ) -> Grouping:
     r"""Choose at most ``n_groups`` task groups (networks) that maximise the served affinity.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,8 @@ from .._validation import check_nonnegative, check_num_tasks
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
 
-_INITIAL = ("first", "epoch")
+Initial = Literal["first", "epoch"]
+_INITIAL = get_args(Initial)
 
 
 class GradNorm(Weighting):
@@ -82,7 +83,7 @@ class GradNorm(Weighting):
         alpha: float = 1.5,
         lr: float | None = None,
         *,
-        initial: str = "first",
+        initial: Initial = "first",
         clip: tuple[float, float] | None = None,
         eps: float = LOG_EPS,
         dtype: torch.dtype = torch.float32,

@@ -14,7 +14,7 @@ from .._method import Seeded
 from .._validation import check_int, check_nonnegative, positive
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
-from ._sac import LOGPROBS, SAC, schedule
+from ._sac import LOGPROBS, SAC, LogProb, schedule
 
 _STATE_KEYS = (
     "base_losses",
@@ -125,7 +125,7 @@ class IGBRL(Seeded, Weighting):
         sac_lr: float = 3e-4,
         buffer_size: int = 10_000,
         batch_size: int = 256,
-        logprob: str = "tanh_correction",
+        logprob: LogProb = "tanh_correction",
         eps: float = LOG_EPS,
         seed: int | None = None,
     ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
@@ -9,7 +11,8 @@ from .._method import Seeded
 from .._validation import positive
 from ._base import Weighting
 
-_DISTRIBUTIONS = ("normal", "dirichlet")
+Distribution = Literal["normal", "dirichlet"]
+_DISTRIBUTIONS = get_args(Distribution)
 
 
 class RLW(Seeded, Weighting):
@@ -43,7 +46,7 @@ class RLW(Seeded, Weighting):
     separable = True
 
     def __init__(
-        self, distribution: str = "normal", scale: float = 1.0, seed: int | None = None
+        self, distribution: Distribution = "normal", scale: float = 1.0, seed: int | None = None
     ) -> None:
         if distribution not in _DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")

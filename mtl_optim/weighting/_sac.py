@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LOGPROBS = ("tanh_correction", "gaussian")
+LogProb = Literal["tanh_correction", "gaussian"]
+LOGPROBS = get_args(LogProb)
 _LOG_STD_MIN, _LOG_STD_MAX = -20.0, 2.0
 
 
@@ -168,7 +169,7 @@ class SAC:
         gamma: float = 0.99,
         tau: float = 0.005,
         alpha: float = 0.2,
-        logprob: str = "tanh_correction",
+        logprob: LogProb = "tanh_correction",
     ) -> None:
         if logprob not in LOGPROBS:
             raise ValueError(f"logprob must be one of {LOGPROBS}, got {logprob!r}")
