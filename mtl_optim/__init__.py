@@ -4,7 +4,7 @@
 loss weighting; ``AdaTask`` keeps task-wise adaptive state. See ``shared/API.md``.
 """
 
-from . import aggregators, diagnostics, distill, grouping, weighting
+from . import aggregators, diagnostics, distill, grouping, pruning, regularizers, weighting
 from ._gradient_info import GradientInfo
 from .adatask import AdaTask
 from .optimizer import MTLOptimizer, NonFiniteError
@@ -18,6 +18,8 @@ __all__ = [
     "diagnostics",
     "distill",
     "grouping",
+    "pruning",
+    "regularizers",
     "weighting",
 ]
 __version__ = "0.1.0.dev0"
