@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def test_method_check_fails_on_a_wrong_result():
 
     check, _ = correctness.check_case(Case("wrong", "aggregator", build), CPU, torch.float32)
     assert len(built) == 2 and not check.ok and check.error > 10 * check.tol
+
+
+def test_pytest_runner_reports_failures_and_timeouts(tmp_path):
+    """The subprocess that runs the kernel tests on the GPU: its summary, verdict, timeout."""
+    (tmp_path / "test_two.py").write_text(
+        "import os\n"
+        "def test_ok():\n    assert 'TRITON_INTERPRET' not in os.environ\n"
+        "def test_bad():\n    assert 1 == 2\n"
+    )
+    summary, passed, tail = correctness.run_pytest([str(tmp_path / "test_two.py")], 60)
+    assert not passed and summary.startswith("1 failed, 1 passed") and "exit code 1" in summary
+    assert "FAILED" in tail and "test_bad" in tail
+    (tmp_path / "test_slow.py").write_text("import time\ndef test_slow():\n    time.sleep(60)\n")
+    start = time.monotonic()
+    summary, passed, _ = correctness.run_pytest([str(tmp_path / "test_slow.py")], 1)
+    assert not passed and "timed out" in summary and time.monotonic() - start < 10
 
 
 def test_kernel_tests_skip_without_cuda(tmp_path):

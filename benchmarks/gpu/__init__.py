@@ -23,7 +23,7 @@ leaves what it finished:
 
 ``00-summary.md`` lists each section's status and the targets (fused AdaTask >= 80 % of the
 copy's bandwidth at n >= 1e7 and >= 3x the per-task loop; <= 1 host sync per step; our step
-no slower than TorchJD's). A global time guard (``--budget`` seconds, default 450) skips the
+no slower than TorchJD's). A global time guard (``--budget`` seconds, default 420) skips the
 remaining work and says so in the tables.
 
 Without CUDA the suite runs what it can (``--quick``: the torch paths, the method runs in

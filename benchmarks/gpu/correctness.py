@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -124,11 +125,12 @@ def check_case(
     """``case`` trained on ``device`` in ``dtype`` against the CPU run in ``ref_dtype``
     (default ``dtype``); also the number of fused-kernel calls in the device run."""
     ref_dtype = ref_dtype or dtype
+    counting = count_kernel_calls() if device.type == "cuda" else contextlib.nullcontext({})
     with shared_draws(device):
         expected = train(case, torch.device("cpu"), ref_dtype)
-        with count_kernel_calls() as counts:
+        with counting as counts:
             actual = train(case, device, dtype)
-    return compare(actual, expected, tolerance(dtype, STEPS)), counts["calls"]
+    return compare(actual, expected, tolerance(dtype, STEPS)), counts.get("calls", 0)
 
 
 def _cell(fn) -> tuple[str, bool]:  # noqa: ANN001
@@ -140,13 +142,14 @@ def _cell(fn) -> tuple[str, bool]:  # noqa: ANN001
     return check.cell() + extra, check.ok
 
 
-def method_rows(run: Run, limit: float) -> tuple[list[list[str]], int, int]:
-    """One row per method; ``(rows, passed, failed)``. Stops at ``limit`` seconds."""
-    rows, passed, failed = [], 0, 0
+def method_rows(run: Run, limit: float) -> tuple[list[list[str]], dict[str, int]]:
+    """One row per method, and how many agree, do not, or were skipped by the time guard."""
+    rows, counts = [], {"agree": 0, "fail": 0, "skipped": 0}
     end = time.monotonic() + limit
     for case in cases(K):
         if time.monotonic() > end or run.deadline.expired(30):
             rows.append([case.label, case.kind, "skipped: time guard"] + [""] * run.cuda)
+            counts["skipped"] += 1
             continue
         if run.cuda:
             cells = [
@@ -155,11 +158,9 @@ def method_rows(run: Run, limit: float) -> tuple[list[list[str]], int, int]:
             ]
         else:
             cells = [_cell(lambda c=case: check_case(c, run.device, torch.float32, F64))]
-        ok = all(c[1] for c in cells)
-        passed += ok
-        failed += not ok
+        counts["agree" if all(c[1] for c in cells) else "fail"] += 1
         rows.append([case.label, case.kind] + [c[0] for c in cells])
-    return rows, passed, failed
+    return rows, counts
 
 
 def _summary_counts(text: str) -> str:
@@ -167,8 +168,42 @@ def _summary_counts(text: str) -> str:
     return lines[-1].strip("= ") if lines else "no pytest summary line"
 
 
+def run_pytest(args: list[str], timeout: float, workers: int = 1) -> tuple[str, bool, str]:
+    """``python -m pytest -q ARGS`` from the repository root with ``TRITON_INTERPRET`` unset
+    (``-n workers`` with pytest-xdist); ``(summary line, passed, end of the output)``."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
+    if workers > 1:
+        cmd += ["-n", str(workers)]
+    cmd += args
+    start = time.monotonic()
+    # a session of its own, so that a timeout ends the pytest-xdist workers too
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return f"**timed out** after {timeout:.0f} s (time guard)", False, (out or "")[-3000:]
+    took = time.monotonic() - start
+    summary = (
+        f"{_summary_counts(out)} (exit code {proc.returncode}, {took:.0f} s: {' '.join(cmd[3:])})"
+    )
+    return summary, proc.returncode == 0, out[-3000:]
+
+
 def kernel_tests(run: Run, timeout: float) -> tuple[str, bool | None, str]:
-    """Run ``tests/test_kernels.py`` on the GPU; ``(summary, passed, output tail)``;
+    """``tests/test_kernels.py`` compiled on the GPU; ``(summary, passed, end of the output)``,
     ``passed`` is ``None`` when skipped."""
     if not run.cuda:
         return (
@@ -178,39 +213,19 @@ def kernel_tests(run: Run, timeout: float) -> tuple[str, bool | None, str]:
         )
     if importlib.util.find_spec("triton") is None:
         return "skipped: triton is not installed", None, ""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
-    if importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
-    cmd.append("tests/test_kernels.py")
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(timeout, 10)
-        )
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return f"**timed out** after {timeout:.0f} s (time guard)", False, out[-3000:]
-    took = time.monotonic() - start
-    out = proc.stdout + proc.stderr
-    summary = (
-        f"{_summary_counts(out)} (exit code {proc.returncode}, {took:.0f} s: {' '.join(cmd[3:])})"
-    )
-    return summary, proc.returncode == 0, out[-3000:]
+    workers = min(8, os.cpu_count() or 1) if importlib.util.find_spec("xdist") else 1
+    return run_pytest(["tests/test_kernels.py"], max(timeout, 10), workers)
 
 
 def main(run: Run, budget: float) -> None:
-    start = time.monotonic()
-    run.log("1/5 correctness: method training runs")
-    rows, passed, failed = method_rows(run, limit=0.35 * budget)
+    end = time.monotonic() + budget
+    rows: list[list[str]] = []
+    counts: dict[str, int] = {}
     headers = (
         ["method", "kind", "float64: CUDA vs CPU", "float32: CUDA vs CPU"]
         if run.cuda
         else ["method", "kind", "float32 vs float64 (CPU)"]
     )
-    methods_text = table(headers, rows)
     what = (
         f"{STEPS} training steps (K = {K}, a two-layer tanh trunk of width 16, batch 24) on "
         + ("CUDA and on the CPU" if run.cuda else "the CPU in float32 and in float64")
@@ -219,24 +234,37 @@ def main(run: Run, budget: float) -> None:
     )
 
     def write(kernels_line: str, tail: str) -> None:
+        if counts:
+            methods = (
+                f"{counts['agree']} methods agree, {counts['fail']} do not (or failed to run), "
+                f"{counts['skipped']} skipped. {what}\n\n" + table(headers, rows)
+            )
+        else:
+            methods = "running…"
         body = (
             "## Kernel tests (tests/test_kernels.py)\n\n"
             + kernels_line
             + "\n\n## Every method: a short training run\n\n"
-            + f"{passed} methods agree, {failed} do not (or failed to run). {what}\n\n"
-            + methods_text
+            + methods
         )
         notes = ""
         if tail:
             notes = "Kernel tests, end of the output:\n\n```\n" + tail.strip() + "\n```"
         run.write(NAME, "GPU suite 1: correctness", body, notes)
 
-    write("running…" if run.cuda else "", "")
+    # the kernel tests first: they matter most, and take most of the time (compilation)
     run.log("1/5 correctness: kernel tests")
-    left = budget - (time.monotonic() - start)
-    summary, ok, tail = kernel_tests(run, timeout=min(left, run.deadline.left() - 30))
+    write("running…" if run.cuda else "", "")
+    timeout = min(0.75 * budget, run.deadline.left() - 60)
+    summary, ok, tail = kernel_tests(run, timeout=timeout)
     write(summary, tail)
-    status = f"methods: {passed} agree, {failed} do not; kernel tests: {summary}"
+    run.log("1/5 correctness: method training runs")
+    rows, counts = method_rows(run, limit=end - time.monotonic())
+    write(summary, tail)
+    status = (
+        f"methods: {counts['agree']} agree, {counts['fail']} do not, {counts['skipped']} "
+        f"skipped; kernel tests: {summary}"
+    )
     run.status[NAME] = status
-    if ok is False or failed:
+    if ok is False or counts["fail"]:
         run.targets.append(f"Correctness: **not all checks pass** ({status})")
