@@ -26,7 +26,7 @@ size, large for wide layers and small batches.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -67,9 +67,10 @@ def streamed_gramian(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> Tens
             grads_in = [stacked.pop((id(node), nr)) for nr in range(_n_out(node))]
             outs = _apply_node(node, grads_in, k)
             for j, (child, nr) in enumerate(node.next_functions):
-                if child is None or not graph.is_chain(child):
+                out = outs[j]  # None: no gradient flows to this input (a zero contribution)
+                if child is None or out is None or not graph.is_chain(child):
                     continue
-                _add_entry(entries, child, nr, outs[j])
+                _add_entry(entries, child, nr, out)
         for node, nr, rows in block.roots:
             _add_entry(entries, node, nr, rows.to(device))
         params = block.params
@@ -125,11 +126,11 @@ def _apply_node(node: Any, grads: list[Tensor], k: int) -> tuple[Tensor | None, 
         per_task = [
             [_conform(o, m) for o, m in zip(node(*(g[i] for g in grads)), metas)] for i in range(k)
         ]
-        outs = []
+        stacked: list[Tensor | None] = []
         for j in range(len(per_task[0])):
             col = [row[j] for row in per_task]
-            outs.append(None if col[0] is None else torch.stack(col))
-        return tuple(outs)
+            stacked.append(None if col[0] is None else torch.stack(cast(list[Tensor], col)))
+        return tuple(stacked)
 
 
 def _conform(grad: Tensor | None, meta: Any) -> Tensor | None:

@@ -3,7 +3,7 @@ r"""ConFIG: the conflict-free direction with equal cosines to all task gradients
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 from torch import Tensor
@@ -109,9 +109,9 @@ class ConFIG(GramianWeightedAggregator):
         elif self.pref_vector.numel() != k:
             raise ValueError(f"pref_vector has {self.pref_vector.numel()} entries, J {k} rows")
         else:
-            if self._pref_on_device.device != dev:
-                self._pref_on_device = self.pref_vector.to(dev)
-            pref = self._pref_on_device
+            pref = cast(Tensor, self._pref_on_device)  # set with pref_vector
+            if pref.device != dev:
+                pref = self._pref_on_device = self.pref_vector.to(dev)
         unit_gram, norms, active = normalized_gramian(gram)
         coef = torch.linalg.pinv(unit_gram, rtol=self.rcond**2, hermitian=True) @ pref
         # p (numerically) orthogonal to the range of UUᵀ: no direction has these cosines

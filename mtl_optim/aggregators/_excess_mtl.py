@@ -3,7 +3,7 @@ r"""ExcessMTL: task weights driven by estimated excess risks."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -89,7 +89,7 @@ class ExcessMTL(WeightedAggregator):
         else:
             initial = self._initial.to(g.device)
             ratio = torch.where(initial > 0, risk / initial, 0.0)
-            w = self._w.to(g.device) * torch.exp(self.robust_step_size * ratio)
+            w = cast(Tensor, self._w).to(g.device) * torch.exp(self.robust_step_size * ratio)
             w = w / w.sum() * k
             initial = torch.where(initial > 0, initial, risk)
         self._sq_sum, self._initial, self._w = sq_sum, initial, w

@@ -3,7 +3,7 @@ r"""MoCo: multi-objective gradient correction with tracked task gradients."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor
@@ -122,7 +122,7 @@ class MoCo(Aggregator):
                 f"MoCo was first called with J of shape {tuple(self._y.shape)}, now {(k, d)}"
             )
         else:
-            y, lam = self._y.to(h.device), self._lambda.to(h.device)
+            y, lam = self._y.to(h.device), cast(Tensor, self._lambda).to(h.device)
         if self.normalization != "none":
             h = h / (h.norm(dim=1, keepdim=True) + _NORM_EPS)
         if self.normalization == "loss":

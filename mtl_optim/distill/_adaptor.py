@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +149,10 @@ class _TeacherDistillation(nn.Module):
             nn.ModuleList(_ChannelAdaptor(ci, co, self.nonlinear) for ci, co in self.levels)
             for _ in range(num_tasks)
         )
+
+    def task_adaptors(self, t: int) -> nn.ModuleList:
+        """Task ``t``'s adaptors, one per feature level."""
+        return cast(nn.ModuleList, self.adaptors[t])
 
     @property
     def teachers(self) -> tuple[nn.Module, ...] | None:
@@ -330,7 +334,7 @@ class AdaptorDistillation(_TeacherDistillation):
                 f"teacher {t} gave {len(targets)} feature levels, the student {len(levels)}"
             )
         total = levels[0].new_zeros(())
-        for lvl, (f, ft, adaptor) in enumerate(zip(levels, targets, self.adaptors[t])):
+        for lvl, (f, ft, adaptor) in enumerate(zip(levels, targets, self.task_adaptors(t))):
             a = adaptor(f)
             if a.shape != ft.shape:
                 raise ValueError(

@@ -214,11 +214,12 @@ class SequentialCooperativeDistillation(nn.Module):
         )
         if self.warmup_epochs >= self.total_epochs:
             raise ValueError(f"warmup_epochs must be < total_epochs={total_epochs}")
+        given = None
         if complexity is not None:
-            complexity = torch.tensor([float(c) for c in complexity], dtype=torch.float64)
-            if complexity.numel() != k or not torch.isfinite(complexity).all():
-                raise ValueError(f"complexity must be {k} finite values, got {complexity.tolist()}")
-        self._complexity_given = complexity
+            given = torch.tensor([float(c) for c in complexity], dtype=torch.float64)
+            if given.numel() != k or not torch.isfinite(given).all():
+                raise ValueError(f"complexity must be {k} finite values, got {given.tolist()}")
+        self._complexity_given = given
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
@@ -261,6 +262,12 @@ class SequentialCooperativeDistillation(nn.Module):
     @property
     def built(self) -> bool:
         return self.blocks is not None
+
+    def _schedule(self) -> tuple[Blocks, tuple[int, ...], tuple[int, ...]]:
+        """``(blocks, order, stage_boundaries)`` of the built schedule."""
+        if self.blocks is None or self.order is None or self.stage_boundaries is None:
+            raise RuntimeError("the schedule is not built yet (see step() and build())")
+        return self.blocks, self.order, self.stage_boundaries
 
     @property
     def measuring(self) -> bool:
@@ -312,7 +319,7 @@ class SequentialCooperativeDistillation(nn.Module):
                 raise ValueError("pass jacobian= or shared=, not both")
             if shared is not None and losses is None:
                 raise ValueError("shared= needs the losses= to differentiate")
-            if self._needs_similarity and shared is not None:
+            if self._needs_similarity and shared is not None and losses is not None:
                 jacobian = self._jacobian(losses, shared)
             if self._needs_similarity and jacobian is not None:
                 if jacobian.dim() != 2 or jacobian.shape[0] != k:
@@ -438,9 +445,12 @@ class SequentialCooperativeDistillation(nn.Module):
         """The stage (position in the queue) at ``epoch`` (default the current), or ``None``
         in the warm-up."""
         e = self.epoch if epoch is None else epoch
-        if not self.built or e < self.stage_boundaries[0]:
+        if not self.built:
             return None
-        return sum(1 for s in self.stage_boundaries if s <= e) - 1
+        bounds = self._schedule()[2]
+        if e < bounds[0]:
+            return None
+        return sum(1 for s in bounds if s <= e) - 1
 
     def weights(self, epoch: int | None = None) -> Tensor:
         """The ``(K,)`` float64 per-task distillation weights at ``epoch`` (default current)."""
@@ -449,15 +459,16 @@ class SequentialCooperativeDistillation(nn.Module):
         now = self.stage(e)
         if now is None:
             return w
-        ends = (*self.stage_boundaries[1:], self.total_epochs)
-        for k, b in enumerate(self.order[: now + 1]):
+        blocks, order, bounds = self._schedule()
+        ends = (*bounds[1:], self.total_epochs)
+        for k, b in enumerate(order[: now + 1]):
             if k == now or self.decay == "keep":
                 value = 1.0
             elif self.decay == "drop":
                 value = 0.0
             else:
                 value = max(0.0, 1.0 - (e - ends[k]) / (self.total_epochs - ends[k]))
-            w[list(self.blocks[b])] = value
+            w[list(blocks[b])] = value
         return w
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -506,9 +517,10 @@ class SequentialCooperativeDistillation(nn.Module):
             f"decay={self.decay!r}",
         ]
         if self.built:
+            blocks, order, bounds = self._schedule()
             parts += [
-                f"blocks={[list(b) for b in self.blocks]}",
-                f"order={list(self.order)}",
-                f"stage_boundaries={list(self.stage_boundaries)}",
+                f"blocks={[list(b) for b in blocks]}",
+                f"order={list(order)}",
+                f"stage_boundaries={list(bounds)}",
             ]
         return f"SequentialCooperativeDistillation({', '.join(parts)})"

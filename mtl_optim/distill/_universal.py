@@ -244,7 +244,7 @@ class UniversalRepresentationLoss(_TeacherDistillation):
         target = as_levels(teacher, f"teacher {t}'s features")[-1].detach()
         target_hat = F.normalize(target.to(levels[0]), dim=1, eps=NORM_EPS)
         total = levels[0].new_zeros(())
-        for lvl, (f, adaptor) in enumerate(zip(levels, self.adaptors[t])):
+        for lvl, (f, adaptor) in enumerate(zip(levels, self.task_adaptors(t))):
             a = adaptor(f)
             if a.dim() == 4 and target.dim() == 4 and a.shape[2:] != target.shape[2:]:
                 a = F.interpolate(a, size=target.shape[2:], mode="bilinear", align_corners=False)
@@ -261,7 +261,7 @@ class UniversalRepresentationLoss(_TeacherDistillation):
         if not (isinstance(teacher, Sequence) and len(teacher) == 2):
             raise TypeError(f"teacher {t} must give (features, logits), got {type(teacher)}")
         features, teacher_logits = (v.detach() for v in teacher)
-        fs = self.adaptors[t][0](levels[0]).flatten(1)
+        fs = self.task_adaptors(t)[0](levels[0]).flatten(1)
         ft = features.to(fs).flatten(1)
         if fs.shape != ft.shape:
             raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ class _GroupSchedule(Seeded):
         self.pending: list[tuple[int, ...]] = []
 
     def groups_for(self, k: int) -> int:
-        b = self.n_groups if self.n_groups is not None else math.ceil(k / self.group_size)
+        size = cast(int, self.group_size)  # given whenever n_groups is not
+        b = self.n_groups if self.n_groups is not None else math.ceil(k / size)
         if b > k:
             raise ValueError(f"n_groups={b} is more than the {k} tasks: groups must be non-empty")
         return b
@@ -168,7 +169,7 @@ class RandomTaskGrouping(MTLOptimizer):
     def _combine(self, jacobian: Tensor) -> Tensor:
         rows = torch.tensor(self._group, device=jacobian.device)
         if self.aggregator is not None and self.aggregator.needs_losses:
-            self.aggregator.set_losses(self._group_values)  # it was handed all K
+            self.aggregator.set_losses(cast(Tensor, self._group_values))  # it was handed all K
         direction = super()._combine(jacobian.index_select(0, rows))
         if self.last_weights is not None:
             self.last_weights = self._scatter(self.last_weights, jacobian.shape[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -229,7 +229,7 @@ class IGBRL(Seeded, Weighting):
         self.step, self._last = state["step"], state["last"]
         self.reward_scale, self._rescale_pending = state["reward_scale"], state["rescale_pending"]
         self.weights = state["weights"]
-        buf = self.agent.buffer
+        buf = cast(SAC, self.agent).buffer  # a "light" snapshot exists only with an agent
         buf.ptr, buf.size, row = state["buffer"]
         for key, value in row.items():
             getattr(buf, key)[buf.ptr] = value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -445,7 +445,7 @@ class ConstrainedUncertainty(_UncertaintyBase):
     def forward(self, losses: Tensor) -> Tensor:
         uw, s = self._uw_terms(losses)
         self._dwa(losses.detach())  # records the epoch means; its weights are the DWA term
-        dwa = self._dwa.weights
+        dwa = cast(Tensor, self._dwa.weights)  # set by the call above
         u = uw.detach().to(torch.float64) * dwa.to(device=uw.device, dtype=torch.float64)
         w = bounded_rescale(u, *self.bounds, float(self.num_tasks))
         w = w.to(dtype=torch.promote_types(losses.dtype, uw.dtype))
