@@ -76,6 +76,21 @@ class GradDrop(Seeded, Aggregator):
         return self.transform(jacobian).sum(dim=0)
 
     def transform(self, jacobian: Tensor) -> Tensor:
+        work = jacobian.detach()
+        dtype = work.dtype if work.dtype in (torch.float32, torch.float64) else torch.float32
+        return self.drop(jacobian, self.draw(work.shape[1], dtype, work.device))
+
+    def draw(self, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The ``(d,)`` uniform draws :math:`U` for a ``J`` with ``d`` columns (advances the
+        generator); ``dtype`` is float32 or float64."""
+        gen = self.generator_on(device)
+        return torch.rand(d, generator=gen, dtype=dtype, device=device)
+
+    def drop(self, jacobian: Tensor, draw: Tensor) -> Tensor:
+        """The rows of :meth:`transform` for given draws ``U`` (one per column of ``J``).
+
+        Every column is handled on its own, so a block of ``J``'s columns with the matching
+        block of ``U`` gives the matching block of the result."""
         k = jacobian.shape[0]
         work = jacobian.detach()
         if work.dtype not in (torch.float32, torch.float64):
@@ -85,9 +100,7 @@ class GradDrop(Seeded, Aggregator):
         purity = 0.5 * (
             1.0 + torch.where(nonzero, work.sum(dim=0) / torch.where(nonzero, total, 1.0), 0.0)
         )
-
-        gen = self.generator_on(work.device)
-        draw = torch.rand(work.shape[1], generator=gen, dtype=work.dtype, device=work.device)
+        draw = draw.to(work.dtype)
         keep = ((purity > draw) & (work > 0)) | ((purity < draw) & (work < 0))
 
         # (ℓ + (1 - ℓ) M) ⊙ g with a 0/1 mask M; leaks stay Python floats (no host-to-device copy)

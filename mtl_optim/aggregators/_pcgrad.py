@@ -60,7 +60,15 @@ class PCGrad(Seeded, Aggregator):
         work = jacobian.detach()
         if work.dtype not in (torch.float32, torch.float64):
             work = work.float()
-        gram = work @ work.T
+        coef = self.coefficients(work @ work.T)
+        edited = jacobian - coef.to(jacobian.dtype) @ jacobian
+        return edited / k if self.reduction == "mean" else edited
+
+    def coefficients(self, gram: Tensor) -> Tensor:
+        r"""The ``(K, K)`` matrix :math:`C` with :math:`\hat g_i = g_i - \sum_j C_{ij} g_j`,
+        from the Gramian :math:`G = J J^\top` alone (draws the visiting orders: advances the
+        generator). Used on its own where ``J`` is split by columns across processes."""
+        k = gram.shape[0]
         sq_norms = gram.diagonal()
         safe = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms))
 
@@ -79,9 +87,7 @@ class PCGrad(Seeded, Aggregator):
             # ĝ_i · g_j = G_ij - Σ_l coef[i, l] G_lj, for all i at once
             dots = gram[rows, other] - (coef * gram[other]).sum(dim=1)
             coef[rows, other] += torch.where(dots < 0, dots / safe[other], 0.0)
-
-        edited = jacobian - coef.to(jacobian.dtype) @ jacobian
-        return edited / k if self.reduction == "mean" else edited
+        return coef
 
     def __repr__(self) -> str:
         return f"PCGrad(reduction={self.reduction!r}, seed={self.seed})"
