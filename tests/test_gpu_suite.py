@@ -5,6 +5,7 @@ finds the non-finite check, its tables are written, and its time guard skips wor
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import warnings
@@ -15,6 +16,7 @@ import torch
 
 import mtl_optim
 from benchmarks.gpu import __main__ as suite
+from benchmarks.gpu import _common as suite_common
 from benchmarks.gpu import bandwidth, correctness, gramian, syncs, torchjd_step
 from benchmarks.gpu._common import Check, Deadline, Run, rel_error, tolerance
 from benchmarks.gpu._methods import Case, cases
@@ -216,3 +218,96 @@ def test_time_guard_skips_and_says_so(tmp_path):
     suite.main(["--quick", "--out", str(tmp_path), "--budget", "0"])
     summary = (tmp_path / "00-summary.md").read_text()
     assert summary.count("skipped: time guard") == len(suite.SECTIONS)
+
+
+# --- the CUDA-only code paths, dry-run on the CPU ---------------------------------------------
+class _HostEvent:
+    """``torch.cuda.Event`` stand-in: the host clock."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _HostEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+class _CudaRun(Run):
+    """A run that takes the suite's CUDA branches, on CPU tensors."""
+
+    cuda = True
+
+
+def test_cuda_code_paths_dry_run(tmp_path, monkeypatch):
+    """Every CUDA-only branch of sections 1-5 runs end to end with CPU stand-ins for events,
+    sync debug mode and memory statistics, and the Triton kernels through the interpreter, so
+    that the first call on a lent GPU does not find a slip in them."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, set by conftest on CPU)")
+    modes = ["default"]
+    original_check = torch._amp_foreach_non_finite_check_and_unscale_
+
+    def check(*args):  # the non-finite check syncs, as on a GPU
+        if modes[-1] == "error":
+            raise RuntimeError(syncs.MESSAGE)
+        if modes[-1] == "warn":
+            warnings.warn(syncs.MESSAGE, UserWarning, stacklevel=2)
+        return original_check(*args)
+
+    cuda = torch.cuda
+    for name, value in {
+        "Event": _HostEvent,
+        "synchronize": lambda device=None: None,
+        "set_sync_debug_mode": modes.append,
+        "empty_cache": lambda: None,
+        "memory_allocated": lambda device=None: 0,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "max_memory_allocated": lambda device=None: 5 * 2**20,
+    }.items():
+        monkeypatch.setattr(cuda, name, value)
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", check)
+    monkeypatch.setattr(suite_common, "FLUSH_BYTES", 4096)
+    few = [c for c in cases(3, gramian_route=True) if c.label in ("MGDA (Gramian route)", "FAMO")]
+    monkeypatch.setattr(correctness, "cases", lambda k: few)
+    monkeypatch.setattr(syncs, "cases", lambda k, gramian_route: few)
+    monkeypatch.setattr(correctness, "kernel_tests", lambda run, timeout: ("1 passed", True, ""))
+    monkeypatch.setattr(bandwidth, "plan", lambda run: ([2], [5000], [torch.float32]))
+    monkeypatch.setattr(bandwidth, "CHECK_N", {"cuda": 5000})
+    monkeypatch.setattr(gramian, "plan", lambda run: ([3], [5000]))
+    monkeypatch.setattr(torchjd_step, "plan", lambda run: ([2], ["MGDA"]))
+    small = torchjd_step.models
+    monkeypatch.setattr(torchjd_step, "models", lambda big: {"MLP": small(False)["MLP"]})
+    # TorchJD's own variants run in test_step_time_against_torchjd; here ours (CUDA branches)
+    monkeypatch.setattr(torchjd_step, "torchjd_modules", lambda: "TorchJD left out")
+
+    run = _CudaRun(out=tmp_path, device=CPU, quick=True, deadline=Deadline(300), header="H")
+    for module in (correctness, syncs, gramian, bandwidth, torchjd_step):
+        module.main(run, budget=120)
+    text = {p.stem: p.read_text() for p in tmp_path.iterdir()}
+    assert "2 methods agree, 0 do not" in text["01-correctness"]
+    assert "1 passed" in text["01-correctness"]
+    rows = [ln for ln in text["03-host-syncs"].splitlines() if ln.startswith("| ")][1:]
+    assert len(rows) == 2  # MGDA (Gramian route), FAMO
+    for row in rows:  # each non-finite check is a sync: one for the losses, one or more later
+        count = int(row.split("|")[2])
+        sites = re.findall(r"(\d+)× mtl_optim/optimizer\.py:\d+ _finite\(\)", row)
+        assert count >= 2 and sum(map(int, sites)) == count
+        assert "raises at mtl_optim/optimizer.py:" in row and "disagrees" not in row
+    assert "(from update_weighting())" in rows[1]  # FAMO's re-evaluated losses are checked
+    assert "**missed**" in text["03-host-syncs"]
+    fused = text["02-adatask-bandwidth"].splitlines()
+    row = next(ln for ln in fused if ln.startswith("| float32 | 2 |"))
+    assert len(NUMBER.findall(row)) == 5  # copy, fused, fused flat, torch path, loop
+    check_row = next(ln for ln in fused if ln.startswith("| 2 |"))
+    assert check_row.count(" ok") == 3  # fused, fused flat and loop compute the update
+    gram_row = next(ln for ln in text["05-gramian"].splitlines() if ln.startswith("| 3 |"))
+    assert len(NUMBER.findall(gram_row)) == 4 and "faster" in gram_row
+    step_row = next(ln for ln in text["04-step-time-torchjd"].splitlines() if "| MLP" in ln)
+    cells = step_row.split("|")
+    assert NUMBER.search(cells[5]) and NUMBER.search(cells[6])  # ours (J), ours (G)
+    assert cells[11].strip().startswith("5.0 / 5.0 / — / —")  # peak MiB from the CUDA stats
+    assert any(t.startswith("Host syncs") for t in run.targets)
+    assert any(t.startswith("Gramian") for t in run.targets)

@@ -137,20 +137,24 @@ def _stat(times: Sequence[float]) -> Stat:
     return Stat(statistics.median(times), q[2] - q[0], len(times))
 
 
-_FLUSH: dict[torch.device, Tensor] = {}
+#: Bytes overwritten before each timed run: 256 MiB, over 4x an H200's L2 (50 MiB).
+FLUSH_BYTES = 2**28
+_FLUSH: dict[tuple[torch.device, int], Tensor] = {}
 
 
 def _flush_l2(device: torch.device) -> None:
-    """Overwrite a 256 MiB buffer (over 4x an H200's L2), as ``triton.testing.do_bench``
-    does, so a timed run does not find its inputs in the cache."""
-    buf = _FLUSH.get(device)
+    """Overwrite :data:`FLUSH_BYTES`, as ``triton.testing.do_bench`` does, so that a timed run
+    does not find its inputs in the cache."""
+    buf = _FLUSH.get((device, FLUSH_BYTES))
     if buf is None:
-        buf = _FLUSH[device] = torch.empty(2**26, dtype=torch.int32, device=device)
+        buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        _FLUSH[(device, FLUSH_BYTES)] = buf
     buf.zero_()
 
 
 def bench_cuda(
     fns: dict[str, Callable[[], object]],
+    device: torch.device,
     rep_ms: float = 60.0,
     min_reps: int = 3,
     max_reps: int = 100,
@@ -161,7 +165,6 @@ def bench_cuda(
     ``[min_reps, max_reps]``), each after an L2 flush and bracketed by its own events."""
     out = {}
     for name, fn in fns.items():
-        device = torch.device("cuda", torch.cuda.current_device())
         fn()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -34,6 +34,8 @@ from ._common import Check, Run, Stat, bench_cuda, bench_host, compare, table, t
 
 NAME = "02-adatask-bandwidth"
 COPY_CAP = 2**29  # floats: 2 GiB copied, 4 GiB moved
+#: parameters of the same-update check (on CUDA: several tensors, so the table launch runs)
+CHECK_N = {"cuda": 3 * 10**6, "cpu": 2 * 10**4}
 
 
 def plan(run: Run) -> tuple[list[int], list[int], list[torch.dtype]]:
@@ -168,7 +170,7 @@ def measure(run: Run, k: int, n: int, dtype: torch.dtype, kernels: object) -> tu
     """One row and the numbers the targets need."""
     fns, copy_n = variants(k, n, dtype, run.device, kernels)
     if run.cuda:
-        t = bench_cuda(fns, rep_ms=50.0, min_reps=3, max_reps=50)
+        t = bench_cuda(fns, run.device, rep_ms=50.0, min_reps=3, max_reps=50)
     else:
         t = bench_host(fns, warmup=1, repeat=3 if run.quick else 5)
     del fns
@@ -229,7 +231,7 @@ def main(run: Run, budget: float) -> None:
             note = "fused: mtl_optim.kernels.adam_update."
     rows: list[list[str]] = []
     facts: list[tuple[int, dict]] = []
-    check_n = 3 * 10**6 if run.cuda else 2 * 10**4  # several tensors: the table launch
+    check_n = CHECK_N["cuda" if run.cuda else "cpu"]
     checks: list[list[str]] = []
     failed_checks = 0
     for k in ks:

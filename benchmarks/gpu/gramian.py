@@ -52,7 +52,7 @@ def measure(run: Run, k: int, n: int, kernels: object) -> tuple[list[str], float
         errors[name] = float((m - exact).norm() / exact.norm())
     del exact
     if run.cuda:
-        t: dict[str, Stat] = bench_cuda(fns, rep_ms=40.0, min_reps=3, max_reps=50)
+        t: dict[str, Stat] = bench_cuda(fns, run.device, rep_ms=40.0, min_reps=3, max_reps=50)
     else:
         t = bench_host(fns, warmup=1, repeat=3 if run.quick else 5)
     moved = 4 * k * n
