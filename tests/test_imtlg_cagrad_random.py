@@ -1,20 +1,19 @@
-"""IMTL-G, CAGrad (spec §5) and random weighting: properties, golden values, training."""
+"""IMTL-G and random weighting: properties, golden values, training (CAGrad's own tests are in
+test_cagrad.py; it trains here with the other two)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import J_GOLDEN, examples, train_two_task
 from conftest import matrices as _matrices
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import minimize
 
 import mtl_optim
-from mtl_optim.aggregators._cagrad import CAGrad, cagrad_objective, cagrad_simplex
+from mtl_optim.aggregators._cagrad import CAGrad
 from mtl_optim.aggregators._imtlg import IMTLG
 from mtl_optim.aggregators._random import Random
 
@@ -121,96 +120,6 @@ def test_imtlg_degenerate_cases():
     assert torch.isnan(imtlg.weights(torch.tensor([[math.nan, 1.0], [1.0, 2.0]]))).all()
     with pytest.raises(ValueError):
         IMTLG(rcond=0.0)
-
-
-# ---------------------------------------------------------------------------------- CAGrad
-
-
-def fw_gap(gram: np.ndarray, c: float, w: np.ndarray) -> float:
-    """Frank–Wolfe gap of the (unnormalised) CAGrad problem: 0 exactly at the optimum."""
-    phi = c * math.sqrt(gram.mean()) + 1e-8
-    g = gram.mean(axis=1) + phi * gram @ w / math.sqrt(w @ gram @ w + 1e-8)
-    return float(w @ g - g.min())
-
-
-@SETTINGS
-@given(matrices(k_min=2, k_max=2), st.floats(0.05, 2.0))
-def test_cagrad_brute_force_k2(jacobian, c):
-    gram = (jacobian @ jacobian.T).numpy()
-    w = cagrad_simplex(gram, c)
-    assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
-    grid = np.linspace(0.0, 1.0, 20001)
-    best = min(cagrad_objective(gram, c, np.array([a, 1 - a])) for a in grid)
-    scale = np.max(np.diag(gram))
-    assert cagrad_objective(gram, c, w) <= best + 1e-9 * scale
-
-
-@SETTINGS
-@given(matrices(k_max=8), st.floats(0.05, 2.0))
-def test_cagrad_kkt_and_slsqp(jacobian, c):
-    gram = (jacobian @ jacobian.T).numpy()
-    k = gram.shape[0]
-    w = cagrad_simplex(gram, c)
-    scale = np.max(np.diag(gram))
-    assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
-    if w @ gram @ w >= 1e-6 * scale:  # away from the (smoothed) kink at g_w = 0
-        assert fw_gap(gram, c, w) <= 1e-7 * scale
-    rng = np.random.default_rng(0)  # no feasible neighbour is better
-    for _ in range(20):
-        other = np.clip(w + 1e-4 * rng.standard_normal(k), 0, None)
-        other /= other.sum()
-        assert cagrad_objective(gram, c, w) <= cagrad_objective(gram, c, other) + 1e-12 * scale
-    # never worse than the official SLSQP from the uniform point
-    res = minimize(
-        lambda x: cagrad_objective(gram, c, x),
-        np.full(k, 1 / k),
-        bounds=[(0, 1)] * k,
-        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
-        method="SLSQP",
-    )
-    assert cagrad_objective(gram, c, w) <= cagrad_objective(gram, c, res.x) + 1e-8 * scale
-
-
-@SETTINGS
-@given(matrices(), st.floats(0.05, 2.0), st.randoms(use_true_random=False))
-def test_cagrad_direction_formula_and_permutation(jacobian, c, rnd):
-    k = jacobian.shape[0]
-    agg = CAGrad(c=c)
-    out = agg(jacobian)
-    gram = (jacobian @ jacobian.T).numpy()
-    w = torch.from_numpy(cagrad_simplex(gram, c))
-    g_mean = jacobian.mean(dim=0)
-    g_w = w @ jacobian
-    lam = (c * g_mean.norm() + 1e-8) / (g_w.norm() + 1e-8)
-    expected = (g_mean + lam * g_w) / (1 + c**2) * k
-    scale = jacobian.norm(dim=1).max() * (1 + lam)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * scale)
-    torch.testing.assert_close(agg.transform(jacobian).sum(0), out, rtol=1e-9, atol=1e-9 * scale)
-    perm = list(range(k))
-    rnd.shuffle(perm)
-    torch.testing.assert_close(agg(jacobian[perm]), out, rtol=1e-5, atol=1e-5 * scale)
-    # CAGrad's guarantee: d_raw maximises min_i g_i·d over the ball ‖d - ḡ‖ <= c‖ḡ‖, which
-    # contains ḡ, so the worst task is served at least as well as by the mean gradient
-    raw = g_mean + lam * g_w
-    assert (jacobian @ raw).min() >= (jacobian @ g_mean).min() - 1e-6 * scale**2
-
-
-def test_cagrad_c0_rescale_and_options():
-    torch.manual_seed(0)
-    j = torch.randn(3, 7, dtype=torch.float64)
-    assert torch.equal(CAGrad(c=0.0)(j), CAGrad(c=0.0).weights(j) @ j)
-    torch.testing.assert_close(CAGrad(c=0.0)(j), j.sum(0), rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(CAGrad(c=0.0, scale_by_k=False)(j), j.mean(0))
-    base = CAGrad(c=0.5, rescale=0, scale_by_k=False)(j)
-    torch.testing.assert_close(CAGrad(c=0.5, rescale=1, scale_by_k=False)(j), base / 1.25)
-    torch.testing.assert_close(CAGrad(c=0.5, rescale=2, scale_by_k=False)(j), base / 1.5)
-    torch.testing.assert_close(CAGrad(c=0.5, rescale=0)(j), 3 * base)
-    assert torch.isfinite(CAGrad()(torch.zeros(3, 4))).all()
-    assert CAGrad()(j.float()).dtype == torch.float32
-    for bad in (dict(c=-1.0), dict(rescale=3), dict(tol=0.0), dict(max_iter=-1)):
-        with pytest.raises(ValueError):
-            CAGrad(**bad)
-    assert "c=0.4" in repr(CAGrad())
 
 
 # ---------------------------------------------------------------------------------- Random
