@@ -32,6 +32,14 @@ class Weighting(Method, ABC):
     #: restores it when the step is skipped (non-finite values). A method whose state changes
     #: only in :meth:`after_step` may set this to False to save the copy.
     rollback: bool = True
+    #: Epoch-based weightings (DWA, IGB, IGB-RL, GradNorm and STCH while they wait for their
+    #: first epoch, the grouped/constrained uncertainty weightings) see their epochs only through
+    #: ``opt.end_epoch()``; a loop that never calls it leaves them at their first-epoch weights
+    #: forever. They warn once (``UserWarning``) when this many batches (``opt.backward`` calls)
+    #: pass without ``opt.end_epoch()``: far longer than an epoch of the usual multi-task
+    #: benchmarks (a few hundred to about a thousand batches). Raise it for longer epochs, or
+    #: set it to ``None`` to turn the check off (on the instance or the class).
+    end_epoch_warning_after: int | None = 10_000
     #: Options of the param group that ``MTLOptimizer`` creates for :meth:`parameters`
     #: (e.g. ``{"lr": 0.025}``); the base optimizer's defaults fill the rest.
     param_group_options: dict[str, Any] = {}

@@ -35,8 +35,16 @@ class DBMTL(Weighting):
         \text{rows } a_i \hat g_{t,i},
 
     which the aggregator combines (default: their sum, the paper's update). Every returned row
-    has the norm :math:`\max_j \lVert \hat g_{t,j} \rVert`. :attr:`weights` are 1 (the weights
-    of the log objectives); :attr:`scales` holds the last :math:`a`.
+    has the norm :math:`\max_j \lVert \hat g_{t,j} \rVert`.
+
+    **Reported weights.** :attr:`weights` (and so ``opt.last_weights``, times an aggregator's
+    row weights) are the effective task weights :math:`a` — the factors applied to the
+    averaged log-loss gradients — not the 1s of the log objectives. They depend on the
+    gradients, so :meth:`forward` (before the gradients exist) sets :attr:`weights` to a fresh
+    tensor of ones and :meth:`observe` fills that same tensor with :math:`a`; after
+    ``opt.backward`` it holds this step's :math:`a`. It stays 1 where :meth:`observe` does not
+    run (no shared parameters, or a batch skipped for non-finite values before the rows were
+    formed). :attr:`scales` holds the same :math:`a` (float64).
 
     Defaults (LibMTL): :math:`\beta` = 0.9, :math:`\sigma` (``beta_sigma``) = 0.
 
@@ -95,6 +103,10 @@ class DBMTL(Weighting):
         norms = torch.linalg.vector_norm(average, dim=1, dtype=torch.float64)
         scales = torch.where(norms > 0, norms.max() / norms, torch.zeros_like(norms))
         self.scales = scales
+        if self.weights is not None and self.weights.shape == scales.shape:
+            self.weights.copy_(scales)  # in place: the tensor the optimizer already holds
+        else:
+            self.weights = scales.clone()
         return scales.to(average.dtype).unsqueeze(1) * average
 
     def after_step(self) -> None:

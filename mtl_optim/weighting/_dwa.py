@@ -47,6 +47,9 @@ class DWA(Weighting):
         self.temperature = positive("temperature", temperature)
         self._history: list[Tensor] = []  # the last (at most) two epoch means, oldest first
         self._epoch = EpochMeans()
+        # the weighting that messages (and the end_epoch warning's threshold) belong to: this
+        # one, or one that runs a DWA inside it (ConstrainedUncertainty)
+        self._owner: Weighting = self
 
     @property
     def epochs(self) -> int:
@@ -65,7 +68,7 @@ class DWA(Weighting):
         return k * torch.softmax(r / self.temperature, dim=0)
 
     def forward(self, losses: Tensor) -> Tensor:
-        self._epoch.add(losses, self)
+        self._epoch.add(losses, self._owner)
         w = self.current_weights(losses.numel()).to(dtype=losses.dtype, device=losses.device)
         self.weights = w
         return w * losses

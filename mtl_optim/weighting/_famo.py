@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._validation import check_num_tasks
 from ._base import Weighting
-from ._epoch_means import pop_state
+from ._epoch_means import pop_state, warn_user
 
 #: Added to :math:`L_i - \ell^*_i` before the logarithm (the official code's constant).
 FAMO_EPS = 1e-8
@@ -57,7 +57,10 @@ class FAMO(Weighting):
     :math:`\ell^*_i`) raises ``ValueError``. A :meth:`post_step` compares with the losses of the
     last ``backward``; if no optimizer step happened since (a skipped non-finite batch) it
     warns and leaves :math:`\xi` unchanged; without a ``backward`` since the last weight step it
-    raises ``RuntimeError``.
+    raises ``RuntimeError``. A loop that never calls ``opt.update_weighting`` leaves
+    :math:`\xi = 0` (uniform weights) forever: the second ``step()`` that follows a step with no
+    weight step in between warns once (``UserWarning``, naming the fix); the once-flag is not in
+    the state (a resumed process may warn once more).
 
     State (:meth:`state_dict`): :math:`\xi`, its Adam state, the pending :math:`\log D`.
 
@@ -108,6 +111,8 @@ class FAMO(Weighting):
         self._adam = torch.optim.Adam([self.logits], lr=w_lr, weight_decay=gamma)
         self._log_d: Tensor | None = None  # log D of the last forward, awaiting its weight step
         self._stepped = False  # whether the optimizer stepped since that forward
+        self._missed = False  # a step went by without its weight step (update_weighting)
+        self._warned = False
 
     def _shifted(self, losses: Tensor) -> Tensor:
         r""":math:`D = L - \ell^* + \epsilon`, checked positive."""
@@ -126,11 +131,20 @@ class FAMO(Weighting):
         z = torch.softmax(self.logits.detach(), dim=0).to(losses.dtype)
         c = 1.0 / (z / d.detach()).sum()
         log_d = torch.log(d)
+        self._missed |= self._stepped  # the last step's weight step never came
         self._log_d, self._stepped = log_d.detach().clone(), False
         self.weights = z
         return c * z * log_d
 
     def after_step(self) -> None:
+        if self._missed and not self._warned:
+            self._warned = True
+            warn_user(
+                f"{self!r}: step() ran again without opt.update_weighting(losses) after the "
+                "previous step, so FAMO's task weights never move from uniform. After every "
+                "opt.step(), re-evaluate the same batch's losses and pass them, under "
+                "torch.no_grad(), to opt.update_weighting(losses)."
+            )
         self._stepped = self._log_d is not None
 
     def post_step(self, losses: Tensor) -> None:

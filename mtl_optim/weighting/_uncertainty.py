@@ -426,6 +426,7 @@ class ConstrainedUncertainty(_UncertaintyBase):
             raise ValueError(f"bounds must be (lo, hi) with 0 < lo <= 1 <= hi, got {bounds!r}")
         self.bounds = (lo, hi)
         self._dwa = DWA(temperature)
+        self._dwa._owner = self  # its end_epoch warning names this weighting and its threshold
         self.temperature = self._dwa.temperature
         super().__init__(
             num_tasks,
