@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,10 @@ from .._gradient_info import GradientInfo
 
 __all__ = ["DiSparse", "erk_densities"]
 
-CRITERIA = ("snip", "magnitude", "grad_x_sq")
-ARBITERS = ("union", "intersection", "vote")
+Criterion = Literal["snip", "magnitude", "grad_x_sq"]
+Arbiter = Literal["union", "intersection", "vote"]
+CRITERIA = get_args(Criterion)
+ARBITERS = get_args(Arbiter)
 #: Bisection steps on the keep ratio (float64: far below one weight's step for d < 1e12).
 BISECTION_STEPS = 64
 
@@ -35,6 +37,8 @@ class _KeepMask(nn.Module):
     :math:`\theta` is the dense :math:`\partial L / \partial W` (taken at the masked weights),
     which the grow step of dynamic sparse training ranks.
     """
+
+    mask: Tensor
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
@@ -56,7 +60,7 @@ class _Layer:
 
     @property
     def numel(self) -> int:
-        return self.module.weight.numel()
+        return cast(Tensor, self.module.weight).numel()
 
 
 def _prunable(module: nn.Module) -> bool:
@@ -229,19 +233,26 @@ class DiSparse:
     @staticmethod
     def weight(layer: _Layer) -> Tensor:
         r"""The trainable tensor :math:`\theta` of a layer (the original weight)."""
-        m = layer.module
+        m: Any = layer.module
         if parametrize.is_parametrized(m, "weight"):
             return m.parametrizations.weight.original
         return m.weight
 
     @staticmethod
     def _mask_module(layer: _Layer) -> _KeepMask | None:
-        m = layer.module
+        m: Any = layer.module
         if parametrize.is_parametrized(m, "weight"):
             for p in m.parametrizations.weight:
                 if isinstance(p, _KeepMask):
                     return p
         return None
+
+    def _mask_of(self, layer: _Layer) -> _KeepMask:
+        """The mask of a layer that dynamic training has masked."""
+        pm = self._mask_module(layer)
+        if pm is None:
+            raise RuntimeError(f"layer {layer.name!r} lost its mask parametrization")
+        return pm
 
     def current_masks(self) -> dict[str, Tensor]:
         """The keep-mask of every prunable layer (all True where none is applied)."""
@@ -310,7 +321,7 @@ class DiSparse:
         batches: Iterable[Any] | None = None,
         loss_fn: Callable[[Any], Sequence[Tensor]] | None = None,
         *,
-        criterion: str = "snip",
+        criterion: Criterion = "snip",
         optimizer: Any = None,
     ) -> list[dict[str, Tensor]]:
         r"""Per-task importance :math:`s_k` of every prunable weight of :math:`\Theta_k`.
@@ -377,7 +388,7 @@ class DiSparse:
 
     # --- masks ----------------------------------------------------------------------------
     def masks(
-        self, scores: Sequence[dict[str, Tensor]], density: float, *, arbiter: str = "union"
+        self, scores: Sequence[dict[str, Tensor]], density: float, *, arbiter: Arbiter = "union"
     ) -> dict[str, Tensor]:
         r"""Keep-masks at global ``density`` from per-task ``scores`` (see the class docstring).
 
@@ -441,10 +452,10 @@ class DiSparse:
             kk = nxt
         self.rho = lo
         self.keep_counts = kk.tolist()
-        keep = {None: shared_keep(kk)}
+        keep: dict[int | None, Tensor] = {None: shared_keep(kk)}
         keep.update({t: ranks[t][d_s:] < kk[t] for t in range(self.num_tasks)})
         out: dict[str, Tensor] = {}
-        offsets = dict.fromkeys(keep, 0)
+        offsets: dict[int | None, int] = dict.fromkeys(keep, 0)
         for lyr in self.layers:
             w, start = self.weight(lyr), offsets[lyr.task]
             out[lyr.name] = keep[lyr.task][start : start + lyr.numel].view(w.shape).to(w.device)
@@ -500,8 +511,8 @@ class DiSparse:
         batches: Iterable[Any] | None = None,
         loss_fn: Callable[[Any], Sequence[Tensor]] | None = None,
         *,
-        criterion: str = "snip",
-        arbiter: str = "union",
+        criterion: Criterion = "snip",
+        arbiter: Arbiter = "union",
         optimizer: Any = None,
     ) -> dict[str, Tensor]:
         """:meth:`scores`, :meth:`masks` and :meth:`apply` in one call; returns the masks."""
@@ -677,7 +688,7 @@ class DiSparse:
         assert sch is not None and targets is not None and grads is not None
         p_t = 0.5 * sch["prune_rate"] * (1 + math.cos(math.pi * t / sch["end_step"]))
         for lyr in self.layers:
-            pm = self._mask_module(lyr)
+            pm = self._mask_of(lyr)
             w = self.weight(lyr)
             old = pm.mask.clone()
             n = targets[lyr.name]
@@ -696,7 +707,7 @@ class DiSparse:
     def _final_prune(self) -> None:
         assert self._targets is not None
         for lyr in self.layers:
-            pm, w = self._mask_module(lyr), self.weight(lyr)
+            pm, w = self._mask_of(lyr), self.weight(lyr)
             new = _top(torch.where(pm.mask, w.abs(), -1.0), self._targets[lyr.name])
             w.masked_fill_(~new, 0)
             pm.mask.copy_(new)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,8 @@ __all__ = [
     "masked_l1",
 ]
 
-TARGETS = ("prediction", "label")
+Target = Literal["prediction", "label"]
+TARGETS = get_args(Target)
 
 #: ``loss(prediction, target, mask) -> scalar``; ``mask`` may be ``None``.
 PairLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -258,7 +259,7 @@ class CrossTaskConsistency(nn.Module):
         loss_a: PairLoss,
         loss_b: PairLoss,
         *,
-        target: str = "prediction",
+        target: Target = "prediction",
         input_a: Callable[[Tensor], Tensor] | None = None,
         input_b: Callable[[Tensor], Tensor] | None = None,
         pseudo_label_a: Callable[[Tensor], Tensor] | None = None,
@@ -292,7 +293,7 @@ class CrossTaskConsistency(nn.Module):
         num_classes: int,
         *,
         ignore_index: int = -1,
-        target: str = "prediction",
+        target: Target = "prediction",
         widths: Sequence[int] = (64, 128, 256),
         batch_norm: bool = False,
         weights: tuple[float, float] = (0.01, 0.01),

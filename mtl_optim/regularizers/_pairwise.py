@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +17,10 @@ from torch.nn import functional as F
 
 __all__ = ["PairwiseTaskConsistency"]
 
-KINDS = ("categorical", "depth", "normal", "none")
-PAIRS = ("unlabelled", "all")
+Kind = Literal["categorical", "depth", "normal", "none"]
+Pairs = Literal["unlabelled", "all"]
+KINDS = get_args(Kind)
+PAIRS = get_args(Pairs)
 #: ``F.cosine_similarity``'s eps and the floor under the depth maximum (official values).
 COS_EPS = 1e-12
 DEPTH_EPS = 1e-12
@@ -151,12 +153,12 @@ class PairwiseTaskConsistency(nn.Module):
         task_channels: Sequence[int],
         feature_channels: int,
         *,
-        kinds: Sequence[str] | None = None,
+        kinds: Sequence[Kind] | None = None,
         widths: Sequence[int] = (64, 128, 256, 512, 512),
         dense: bool = True,
         pool: bool = True,
         rho: float = 0.5,
-        pairs: str = "unlabelled",
+        pairs: Pairs = "unlabelled",
         film_lr: float | None = 1e-3,
         ignore_index: int = -1,
     ) -> None:
@@ -221,7 +223,8 @@ class PairwiseTaskConsistency(nn.Module):
 
     def film_parameters(self) -> list[nn.Parameter]:
         r"""The pair codes :math:`\Gamma, B_x` of every block."""
-        return [p for b in self.blocks for p in (b.gamma, b.beta)]
+        blocks = cast(list[_FiLMBlock], list(self.blocks))
+        return [p for b in blocks for p in (b.gamma, b.beta)]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """``[{"params": M's other weights}, {"params": FiLM codes, "lr": film_lr}]``."""
@@ -326,32 +329,32 @@ class PairwiseTaskConsistency(nn.Module):
                     idx = (unl[:, s] & lab[:, t]).nonzero().flatten()
                     if idx.numel():
                         groups.append((s, t, idx))
-        weight = self.inputs[0][0].weight
+        weight = cast(Tensor, next(self.inputs.parameters()))
         if not groups:  # nothing to compare: a zero that backward accepts
             zeros = torch.zeros(k, dtype=weight.dtype, device=phi.device, requires_grad=True)
             return zeros if per_task else zeros.sum()
-        for t in {t for _, t, _ in groups}:
-            if labels[t] is None:
-                raise ValueError(f"task {t} is labelled in some image, but its label is None")
         # normalise each task once; run each task's input layer once on every row it feeds
         pred_in = {s: self._normalise(preds[s], s, False) for s in {s for s, _, _ in groups}}
-        label_in = {
-            t: self._normalise(labels[t].detach(), t, True) for t in {t for _, t, _ in groups}
-        }
+        label_in = {}
+        for t in {t for _, t, _ in groups}:
+            y = labels[t]
+            if y is None:
+                raise ValueError(f"task {t} is labelled in some image, but its label is None")
+            label_in[t] = self._normalise(y.detach(), t, True)
         parts: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}
         starts = []  # per group: (row of its prediction branch, row of its label branch)
         for s, t, idx in groups:
             code = torch.full_like(idx, self.pair_index(s, t, k))
-            a = parts.setdefault(("pred", s), [])
-            b = parts.setdefault(("label", t), [])
+            pred_rows = parts.setdefault(("pred", s), [])
+            label_rows = parts.setdefault(("label", t), [])
             starts.append(
                 (
-                    (("pred", s), sum(len(c) for _, c in a)),
-                    (("label", t), sum(len(c) for _, c in b)),
+                    (("pred", s), sum(len(c) for _, c in pred_rows)),
+                    (("label", t), sum(len(c) for _, c in label_rows)),
                 )
             )
-            a.append((pred_in[s][idx], code))
-            b.append((label_in[t][idx].to(weight.dtype), code))
+            pred_rows.append((pred_in[s][idx], code))
+            label_rows.append((label_in[t][idx].to(weight.dtype), code))
         hidden, codes, offsets, offset = [], [], {}, 0
         for (side, task), rows in parts.items():
             x = torch.cat([r for r, _ in rows])

@@ -9,21 +9,25 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["SaliencyRelation"]
 
-DISTANCES = ("l1", "sq_l2")
-POOLS = ("sum", "mean", "none")
-REDUCTIONS = ("mean", "sum")
-OUTPUT_REDUCTIONS = ("sum", "mean", "max")
+Distance = Literal["l1", "sq_l2"]
+Pool = Literal["sum", "mean", "none"]
+Reduction = Literal["mean", "sum"]
+OutputReduction = Literal["sum", "mean", "max"]
+DISTANCES = get_args(Distance)
+POOLS = get_args(Pool)
+REDUCTIONS = get_args(Reduction)
+OUTPUT_REDUCTIONS = get_args(OutputReduction)
 #: Added to :math:`S = \sum_{u<v} c_{uv}` before dividing (the official code has no guard).
 NORM_EPS = 1e-12
 
-OutputReduce = str | Callable[[Tensor], Tensor]
+OutputReduce = OutputReduction | Callable[[Tensor], Tensor]
 
 
 def _number(name: str, value: Any, *, positive: bool) -> float:
@@ -141,13 +145,16 @@ class SaliencyRelation(nn.Module):
         dtype, device: of :attr:`pair_weights`.
     """
 
+    _rows: Tensor
+    _cols: Tensor
+
     def __init__(
         self,
         num_tasks: int,
         *,
-        dist: str = "l1",
-        pool: str = "sum",
-        reduction: str = "mean",
+        dist: Distance = "l1",
+        pool: Pool = "sum",
+        reduction: Reduction = "mean",
         init: float = 1.0,
         lr: float | None = 1e-3,
         output_reduce: OutputReduce = "sum",
