@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any
+from types import FrameType
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -75,7 +76,7 @@ class EpochMeans:
 def warn_user(message: str) -> None:
     """A ``UserWarning`` attributed to the first caller outside this package and torch (the
     user's ``opt.backward``/``opt.step`` line, past ``torch.no_grad``'s wrapper)."""
-    level, frame = 2, sys._getframe(1)  # level 2 is our caller's frame
+    level, frame = 2, cast(FrameType | None, sys._getframe(1))  # level 2: our caller
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, UserWarning, stacklevel=level)
