@@ -1,4 +1,7 @@
-"""Pruning multi-task models: DiSparse (per-task importance, arbitrated shared masks)."""
+"""Pruning multi-task models: DiSparse (per-task importance, arbitrated shared masks).
+
+See docs/methods/pruning.md.
+"""
 
 from ._disparse import DiSparse, erk_densities
 

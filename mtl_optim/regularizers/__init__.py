@@ -5,7 +5,8 @@ where offered, the ``(K,)`` per-task split). Add it to the objective outside the
 combination, ``(lam * reg(...)).backward(retain_graph=True)`` before ``opt.backward(losses)``
 (``MTLOptimizer`` keeps gradients already present at the start of a step's window), or hand the
 per-task terms to the optimizer with the losses. Their own parameters go to the optimizer in
-the param groups each module offers (``param_group()`` / ``param_groups()``).
+the param groups each module offers (``param_group()`` / ``param_groups()``). See
+docs/methods/regularizers.md.
 """
 
 from ._cross_task import CrossTaskConsistency, TaskTransferNet, masked_cross_entropy, masked_l1
