@@ -61,6 +61,23 @@ class Replicas:
                 t.copy_(flat[offset : offset + n].view_as(t))
                 offset += n
 
+    def mean_grads(self, params: Sequence[Tensor]) -> None:
+        """Average ``.grad`` of ``params`` across ranks. A parameter with a gradient on some rank
+        but none on this one takes part with zeros (one all-reduce of the presence flags first,
+        so every rank reduces the same list)."""
+        if not self.active or not params:
+            return
+        device = params[0].device
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(has, group=self.group)
+        used = []
+        for p, flag in zip(params, has.tolist()):
+            if flag > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                used.append(p.grad)
+        self.mean_(used)
+
     def broadcast_state(self, methods: Sequence[Any]) -> None:
         """Make every rank's method state (``state_dict``) equal to rank 0's."""
         if not self.active:

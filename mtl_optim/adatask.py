@@ -2,7 +2,7 @@ r"""AdaTask: task-wise adaptive optimizer state (Yang et al., AAAI 2023, arXiv 2
 
 For every shared parameter each task ``i`` keeps its own adaptive accumulators, fed only by its
 own gradient :math:`g_i = \nabla_{\theta_s} L_i`; the shared update is the sum of the K
-per-task adaptive steps. Adam (spec §1):
+per-task adaptive steps. Adam:
 
 .. math::
     m_i \leftarrow \beta_1 m_i + (1-\beta_1) g_i, \qquad
@@ -15,7 +15,7 @@ RMSprop: :math:`v_i \leftarrow \rho v_i + (1-\rho) g_i^2`; Adagrad:
 :math:`\theta_s \leftarrow \theta_s - \eta \sum_i g_i / (\sqrt{v_i} + \epsilon)`.
 Task-specific parameters get the plain base rule on :math:`\nabla \sum_i L_i`.
 
-Our decisions where the official code is silent or wrong (spec §1, pitfalls):
+Our decisions where the official code is silent or wrong (see docs/methods/adatask.md, "Decisions"):
 
 * weight decay is applied once per step: decoupled (AdamW) as :math:`\theta(1-\eta\lambda)`;
   coupled (L2) as :math:`\lambda\theta/K` added to every task's gradient, so the tasks'
@@ -27,9 +27,10 @@ Our decisions where the official code is silent or wrong (spec §1, pitfalls):
   parameter contributes a zero gradient (its moments still decay);
 * no 1/K factor: with K identical tasks the shared step is K Adam steps, as in the paper.
 
-With K = 1 every rule performs exactly torch's single-tensor operations, so AdaTask equals its
-base bit for bit. With an ``aggregator``, task ``i``'s moments receive row ``i`` of
-``aggregator.transform(J)`` (e.g. the PCGrad-projected gradient; spec §1, decision 5).
+With K = 1 every rule performs exactly torch's single-tensor operations, so AdaTask equals its base
+bit for bit. With an ``aggregator``, task ``i``'s moments receive row ``i`` of
+``aggregator.transform(J)`` (e.g. the PCGrad-projected gradient; see
+docs/methods/adatask.md, "With an aggregator").
 
 ``AdaTask(..., fused=...)`` chooses how the shared update runs: ``None`` (default) uses the
 Triton kernels of :mod:`mtl_optim.kernels` (one pass per param group: the K gradients, the
@@ -248,7 +249,7 @@ class AdaTask(MTLOptimizer):
     not used by the shared update.
     """
 
-    _per_task_state = True
+    per_task_state = True
 
     def __init__(
         self,
@@ -275,7 +276,7 @@ class AdaTask(MTLOptimizer):
         self._observers: list[Callable[[GroupSlice, Tensor], None]] = []
         super().__init__(params, base, **kwargs)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def check_param_group(self, group: dict[str, Any]) -> None:
         for flag in _UNSUPPORTED_FLAGS:
             if group.get(flag):
                 raise ValueError(f"AdaTask does not support {flag}=True")
@@ -316,14 +317,14 @@ class AdaTask(MTLOptimizer):
             and _triton_installed()
         )
 
-    def _shared_update(self, jacobian: Tensor) -> Tensor:
+    def shared_update(self, jacobian: Tensor) -> Tensor:
         agg = self.aggregator
         if agg is None:
             rows = jacobian
         elif isinstance(agg, WeightedAggregator):
-            rows = self._row_weights(agg, jacobian).unsqueeze(1) * jacobian
+            rows = self._pipeline.row_weights(agg, jacobian).unsqueeze(1) * jacobian
         else:
-            rows = agg.transform(jacobian)
+            rows = self._engine.transform(agg, jacobian)
         self._task_grads = rows
         return rows.sum(0)
 
@@ -336,7 +337,7 @@ class AdaTask(MTLOptimizer):
         elif set_to_none:
             self._task_grads = None
 
-    def _shared_set_changing(self, shared: set[int]) -> dict[int, int]:
+    def shared_set_changing(self, shared: set[int]) -> dict[int, int]:
         """Before a new shared set: park the state of parameters that leave it, and give each
         group's newcomers a new cohort (fresh state, own step count); returning parameters get
         their parked state back in a cohort of their own."""
@@ -369,8 +370,8 @@ class AdaTask(MTLOptimizer):
                     cohorts[pid] = max(used, default=-1) + 1
         return cohorts
 
-    def _shared_set_changed(self) -> None:
-        """Rebuild each slice's state from the kept columns (see ``_shared_set_changing``)."""
+    def shared_set_changed(self) -> None:
+        """Rebuild each slice's state from the kept columns (see ``shared_set_changing``)."""
         rebuilt: dict[tuple[int, int], dict[str, Tensor]] = {}
         for s in self._engine.slices:
             pieces = []
@@ -397,7 +398,7 @@ class AdaTask(MTLOptimizer):
         self._relayout = {}
         self._task_grads = None
 
-    def _update(self) -> None:
+    def apply_update(self) -> None:
         shared = self._engine.shared or []
         saved = [p.grad for p in shared]
         for p in shared:  # the base updates the task-specific parameters only
@@ -447,7 +448,7 @@ class AdaTask(MTLOptimizer):
                     }
         raise KeyError("not a shared parameter of this optimizer (or no backward yet)")
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         # cohort 0 (every slice, unless the trainable set changed) is keyed by the group index
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return {
@@ -457,7 +458,7 @@ class AdaTask(MTLOptimizer):
             "parked": {index[pid]: dict(st) for pid, st in self._parked.items() if pid in index},
         }
 
-    def _check_extra_state(self, mtl: dict[str, Any], slices: list[GroupSlice]) -> None:
+    def check_extra_state(self, mtl: dict[str, Any], slices: list[GroupSlice]) -> None:
         k = mtl["num_tasks"]
         widths = {(s.group, s.cohort): s.stop - s.start for s in slices}
         for key, st in mtl.get("task_state", {}).items():
@@ -469,7 +470,7 @@ class AdaTask(MTLOptimizer):
                         f"expected ({k}, {widths.get(where)})"
                     )
 
-    def _load_extra_state(self, mtl: dict[str, Any]) -> None:
+    def load_extra_state(self, mtl: dict[str, Any]) -> None:
         flat = [p for g in self.param_groups for p in g["params"]]
 
         def copy(st: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections import OrderedDict
@@ -13,27 +12,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _checkpoint
 from ._distributed import Replicas
 from ._gradient_info import GradientHook, GradientInfo
-from ._method import clone_state
+from ._guard import Guard, NonFiniteError
+from ._pipeline import Pipeline
 from ._sharded import make_engine
-from .aggregators import Aggregator, GramianWeightedAggregator, WeightedAggregator
-from .engine import as_losses, gramian, reachable_params
+from .aggregators import Aggregator, GramianWeightedAggregator
+from .engine import GroupSlice, as_losses
 from .weighting import Weighting
 
 __all__ = ["MTLOptimizer", "NonFiniteError"]
-
-
-class NonFiniteError(ValueError, FloatingPointError):
-    """A loss or gradient was NaN or infinite and ``nonfinite="raise"`` was chosen."""
-
-
-def _identity(obj: Any) -> str | None:
-    """The class name of a class or instance (``None`` for ``None``), as checkpoints record it:
-    the qualified name without the module, so that moving a class keeps checkpoints valid."""
-    if obj is None:
-        return None
-    return (obj if isinstance(obj, type) else type(obj)).__qualname__
 
 
 def _needs_closure(base: type[Optimizer]) -> bool:
@@ -125,7 +114,7 @@ class MTLOptimizer(Optimizer):
     defaults = _delegate("defaults")
 
     #: True for methods (AdaTask) that keep state per task and so always need ``J``.
-    _per_task_state = False
+    per_task_state = False
 
     def __init__(
         self,
@@ -159,9 +148,7 @@ class MTLOptimizer(Optimizer):
                 "route='gramian' needs an aggregator that depends only on the Gramian "
                 f"(a GramianWeightedAggregator, e.g. MGDA, NashMTL, IMTLG), got {aggregator!r}"
             )
-        if route == "gramian" and (
-            self._per_task_state or (weighting and weighting.needs_jacobian)
-        ):
+        if route == "gramian" and (self.per_task_state or (weighting and weighting.needs_jacobian)):
             raise ValueError(
                 f"route='gramian' cannot serve {type(self).__name__} with {weighting!r}: it "
                 "needs the per-task gradients themselves"
@@ -174,7 +161,7 @@ class MTLOptimizer(Optimizer):
             if extra:
                 self._base.add_param_group({"params": extra, **weighting.param_group_options})
         for group in self.param_groups:
-            self._check_group(group)
+            self.check_param_group(group)
         self.base_class = base
         self.aggregator = aggregator
         self.weighting = weighting
@@ -183,21 +170,18 @@ class MTLOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.route = route
         self.process_group = process_group
+        #: the one owner of the skip state, the rollback and ``last_weights``
+        self.guard = Guard(self)
+        self._pipeline = Pipeline(self)
         self._replicas: Replicas | None = None  # resolved at the first backward
         self._scale: Tensor | None = None  # the GradScaler's scale during a backward call
-        self._window_state: tuple[Any, Any, Any] | None = None  # see _start_of_window
         self._shared_arg = None if shared is None else list(shared)
         self._engine = make_engine(self.param_groups)  # FSDP2-sharded params: own engine
-        self._upstream: set[int] | None = None  # params above `features`, found on first use
-        self._external: list[Tensor | None] | None = None
-        self._skip = False
-        self.last_weights: Tensor | None = None
         self._layout: tuple | None = None  # see _param_layout
         self._backward_calls = 0  # opt.backward calls since zero_grad (see step)
         self._warned_plain_backward = False
         # an OrderedDict: RemovableHandle keeps a weak reference to it
         self._gradient_hooks: OrderedDict[int, tuple[GradientHook, bool]] = OrderedDict()
-        self._gram: Tensor | None = None  # the Gramian route's last Gramian, for hooks
 
     # --- torch.optim.Optimizer protocol ------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -211,74 +195,18 @@ class MTLOptimizer(Optimizer):
         if "_base" not in self.__dict__:  # during Optimizer.__init__: the base adds defaults
             super().add_param_group(param_group)
             return
-        self._check_group(param_group)
+        self.check_param_group(param_group)
         self._base.add_param_group(param_group)  # the next backward finds the shared set anew
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Reject hyperparameters the method cannot honour (overridden by AdaTask)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._new_window()
-        self._backward_calls = 0  # opt.backward calls since zero_grad (see step)
-
-    def _new_window(self) -> None:
-        self._engine.reset()
-        self._external = None
-        self._skip = False
-        self._window_state = None
-
-    def _rollback(self) -> None:
-        """A skipped step leaves no trace: method state goes back to the window start."""
-        if self._window_state is None:
-            return
-        agg_state, _, wgt_state = self._window_state
-        if agg_state is not None:
-            self.aggregator.load_state_dict(clone_state(agg_state))
-        if wgt_state is not None:
-            self.weighting.restore(wgt_state)
-
-    def _start_of_window(self) -> None:
-        """Accumulation: every ``backward`` of a window re-combines the accumulated gradients,
-        so the aggregator's state and the weighting's random draws are rewound to where the
-        window started before each call; only the last call's combination (what ``step``
-        uses) advances them. Loss-value state of a weighting (epoch means) is not rewound."""
-        agg, wgt = self.aggregator, self.weighting
-        generator = getattr(wgt, "generator", None)
-        if self._window_state is None:
-            self._window_state = (
-                None if agg is None else clone_state(agg.state_dict()),
-                None if generator is None else generator.get_state(),
-                wgt.snapshot() if wgt is not None and wgt.rollback else None,
-            )
-            return
-        agg_state, gen_state, _ = self._window_state
-        if agg_state is not None:
-            agg.load_state_dict(clone_state(agg_state))
-        if gen_state is not None:
-            generator.set_state(gen_state)
+        self._backward_calls = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's ``state_dict`` plus an ``"mtl"`` entry: the identities of the
         base and the methods (checked on load), K, the shared set, and the methods' state."""
-        sd = super().state_dict()
-        engine = self._engine
-        sd["mtl"] = {
-            "base": _identity(self.base_class),
-            "optimizer": _identity(type(self)),
-            "aggregator_class": _identity(self.aggregator),
-            "weighting_class": _identity(self.weighting),
-            "num_tasks": engine.num_tasks,
-            "shared": engine.shared_indices(self.param_groups) if engine.ready else None,
-            "cohorts": [s.cohort for s in engine.slices for _ in s.params]
-            if engine.ready
-            else None,
-            "aggregator": None if self.aggregator is None else self.aggregator.state_dict(),
-            "weighting": None if self.weighting is None else self.weighting.state_dict(),
-            **self._extra_state(),
-        }
-        sd["mtl"] = engine.to_checkpoint(sd["mtl"], self.param_groups)
-        return sd
+        return _checkpoint.save(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of the same optimizer, atomically.
@@ -288,105 +216,25 @@ class MTLOptimizer(Optimizer):
         per-task state's shapes — and if loading a method's state still fails, the base
         optimizer's and every method's state are put back as they were before the call.
         """
-        state_dict = dict(state_dict)
-        mtl = state_dict.pop("mtl", None)
-        if mtl is None:
-            raise ValueError("not an MTLOptimizer state_dict: the 'mtl' entry is missing")
-        mtl = self._engine.from_checkpoint(mtl, self.param_groups)
-        self._check_checkpoint(state_dict, mtl)
-        before = (
-            copy.deepcopy(self._base.state_dict()),
-            None if self.aggregator is None else clone_state(self.aggregator.state_dict()),
-            None if self.weighting is None else clone_state(self.weighting.state_dict()),
-            self._extra_state(),
-            dict(self._engine.__dict__),  # set_shared rebinds, never mutates, these lists
-            self._layout,
-        )
-        try:
-            self._load(state_dict, mtl)
-        except Exception:
-            self._engine.__dict__.update(before[4])
-            self._layout = before[5]
-            self._base.load_state_dict(before[0])
-            if before[1] is not None:
-                self.aggregator.load_state_dict(before[1])
-            if before[2] is not None:
-                self.weighting.load_state_dict(before[2])
-            self._load_extra_state(before[3])
-            raise
+        _checkpoint.load(self, state_dict)
 
-    def _check_checkpoint(self, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
-        """Refuse a checkpoint that does not fit, naming what differs (nothing changes)."""
-        mine = {
-            "base": _identity(self.base_class),
-            "optimizer": _identity(type(self)),
-            "aggregator_class": _identity(self.aggregator),
-            "weighting_class": _identity(self.weighting),
-        }
-        what = {
-            "base": "base optimizer",
-            "optimizer": "optimizer",
-            "aggregator_class": "aggregator",
-            "weighting_class": "weighting",
-        }
-        for key, value in mine.items():
-            if key in mtl and mtl[key] != value:
-                raise ValueError(
-                    f"this checkpoint was written with {what[key]} {mtl[key]}, but this optimizer "
-                    f"has {value}; build the optimizer with the same {what[key]} to load it"
-                )
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != len(self.param_groups) or any(
-            len(saved["params"]) != len(g["params"]) for saved, g in zip(groups, self.param_groups)
-        ):
-            raise ValueError(
-                "this checkpoint's param groups do not match this optimizer's (number of groups "
-                f"or of parameters per group: saved {[len(g['params']) for g in groups]}, here "
-                f"{[len(g['params']) for g in self.param_groups]})"
-            )
-        k = mtl["num_tasks"]
-        if k is not None and self._engine.num_tasks is not None and k != self._engine.num_tasks:
-            raise ValueError(
-                f"this checkpoint has K = {k} tasks, but this optimizer was trained with "
-                f"K = {self._engine.num_tasks}"
-            )
-        if mtl["shared"] is not None:
-            flat = [p for g in self.param_groups for p in g["params"]]
-            if max(mtl["shared"], default=-1) >= len(flat):
-                raise ValueError("this checkpoint names shared parameters this optimizer lacks")
-            probe = type(self._engine)()
-            shared = {id(flat[i]) for i in mtl["shared"]}
-            probe.set_shared(self.param_groups, shared, self._cohorts(mtl))
-            self._check_extra_state(mtl, probe.slices)
-
-    def _cohorts(self, mtl: dict[str, Any]) -> dict[int, int]:
-        flat = [p for g in self.param_groups for p in g["params"]]
-        cohorts = mtl.get("cohorts") or [0] * len(mtl["shared"])
-        return {id(flat[i]): c for i, c in zip(mtl["shared"], cohorts)}
-
-    def _load(self, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
-        self._base.load_state_dict(state_dict)
-        if mtl["shared"] is not None:
-            flat = [p for g in self.param_groups for p in g["params"]]
-            shared = {id(flat[i]) for i in mtl["shared"]}
-            self._engine.set_shared(self.param_groups, shared, self._cohorts(mtl))
-            self._engine.num_tasks = mtl["num_tasks"]
-            self._layout = self._param_layout()
-        if self.aggregator is not None and mtl["aggregator"] is not None:
-            self.aggregator.load_state_dict(mtl["aggregator"])
-        if self.weighting is not None and mtl["weighting"] is not None:
-            self.weighting.load_state_dict(mtl["weighting"])
-        self._load_extra_state(mtl)
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
+        """Update the parameters with ``base`` (a no-op after a skipped non-finite batch)."""
+        if closure is not None and _needs_closure(self.base_class):
+            return self._step_with_closure(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_plain_backward()
+        if not self.guard.skipping:
+            self._clip()
+            self.apply_update()
+            if self.weighting is not None:
+                self.weighting.after_step()
         self._new_window()
-
-    def _check_extra_state(self, mtl: dict[str, Any], slices: list[Any]) -> None:
-        """Extension point: validate the subclass's part of a checkpoint (raise ValueError)."""
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def _load_extra_state(self, mtl: dict[str, Any]) -> None:
-        pass
+        return loss
 
     def __repr__(self) -> str:
         parts = [f"base={self.base_class.__name__}"]
@@ -405,6 +253,24 @@ class MTLOptimizer(Optimizer):
     def shared_params(self) -> list[Tensor]:
         """The shared parameters (empty until the first ``backward`` detects them)."""
         return list(self._engine.shared or [])
+
+    @property
+    def shared_slices(self) -> tuple[GroupSlice, ...]:
+        """Each param group's shared parameters and their columns of ``J`` (in ``J``'s order)."""
+        return tuple(self._engine.slices)
+
+    @property
+    def last_weights(self) -> Tensor | None:
+        """The K task weights the last ``backward`` applied (``None`` where the method has
+        none), for logging."""
+        return self.guard.last_weights
+
+    @property
+    def max_norm(self) -> float | None:
+        """The norm the shared gradient is clipped to before each step (aggregator or weighting)."""
+        norms = [m.max_norm for m in (self.aggregator, self.weighting) if m is not None]
+        norms = [n for n in norms if n is not None]
+        return min(norms) if norms else None
 
     def register_gradient_hook(
         self, hook: GradientHook, *, needs_jacobian: bool = True
@@ -427,25 +293,6 @@ class MTLOptimizer(Optimizer):
         self._gradient_hooks[handle.id] = (hook, bool(needs_jacobian))
         return handle
 
-    @property
-    def _hooks_need_jacobian(self) -> bool:
-        return any(needs for _, needs in self._gradient_hooks.values())
-
-    def _call_gradient_hooks(self, values: Tensor, features: bool) -> None:
-        if not self._gradient_hooks or self._skip:
-            return
-        jacobian = None if features else self._engine.jacobian
-        info = GradientInfo(
-            losses=values,
-            jacobian=None if jacobian is None else self._unscale(jacobian),
-            weights=self.last_weights,
-            shared=tuple(self._engine.shared or ()),
-            slices=tuple(self._engine.slices),
-            _gramian=self._gram,
-        )
-        for hook, _ in list(self._gradient_hooks.values()):
-            hook(self, info)
-
     def end_epoch(self) -> None:
         """Tell epoch-based methods (IGB, DWA) that an epoch ended."""
         if self.weighting is not None:
@@ -455,8 +302,9 @@ class MTLOptimizer(Optimizer):
     def update_weighting(self, losses: Sequence[Tensor] | Tensor) -> None:
         """Hand the weighting the losses of the same batch re-evaluated after ``step()``.
 
-        FAMO's weight update needs them (spec §10); for every other weighting this is a no-op.
-        Call it after ``step()``, with the K losses of the batch that ``backward`` saw::
+        FAMO's weight update needs them (see docs/methods/weightings.md); for every other
+        weighting this is a no-op. Call it after ``step()``, with the K losses of the batch
+        that ``backward`` saw::
 
             opt.backward(model_losses(x, ys)); opt.step()
             with torch.no_grad():
@@ -468,7 +316,7 @@ class MTLOptimizer(Optimizer):
             return
         values = torch.stack([loss.detach() for loss in as_losses(losses, self.num_tasks, False)])
         self._replicas_().mean_([values])
-        if self._finite([values], "loss", skip=False):
+        if self.guard.check([values], "loss", skip=False):
             self.weighting.post_step(values)
 
     def backward(
@@ -498,37 +346,15 @@ class MTLOptimizer(Optimizer):
         losses = as_losses(losses, self._engine.num_tasks)
         self._scale = None
         self._backward_calls += 1
-        if self._skip:  # this window already saw a non-finite value; the step is skipped
+        if self.guard.skipping:  # this window already saw a non-finite value
             return
         replicas = self._replicas_()
         self._engine.validate(self, features)
         if features is not None:  # validated before any state moves
-            features = [features] if isinstance(features, Tensor) else list(features)
-            if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
-                raise ValueError(
-                    "features must be the shared representation: tensor(s) inside the autograd "
-                    "graph between the shared trunk and the task heads"
-                )
-            if replicas.active and (
-                not (
-                    self.aggregator is None
-                    or isinstance(self.aggregator, GramianWeightedAggregator)
-                )
-                or self._weighting_needs_j
-            ):
-                raise ValueError(
-                    "across processes, features= needs an aggregator that depends only on the "
-                    "Gramian (each rank's representation holds different samples, so only the "
-                    "summed Gramian is global) and a weighting that does not look at gradients"
-                )
-            if self._per_task_state:
-                raise ValueError(
-                    f"{type(self).__name__} needs per-task gradients of the shared "
-                    "parameters; features= is not supported"
-                )
+            features = self._check_features(features, replicas)
         values = torch.stack([loss.detach() for loss in losses])
         replicas.mean_([values])  # every rank weights with the same (whole-batch) losses
-        if not self._finite([values], "loss"):
+        if not self.guard.check([values], "loss"):
             return
         if not self._engine.ready:
             self._engine.replicas = replicas
@@ -541,51 +367,102 @@ class MTLOptimizer(Optimizer):
             one = torch.ones((), dtype=torch.float32, device=losses[0].device)
             self._scale = scaler.scale(one)
             losses = [scaler.scale(loss) for loss in losses]
-        self._start_of_window()
-        mix, heads_loss = self._objectives(losses, values)
-        if self.aggregator is not None and self.aggregator.needs_losses:
-            self.aggregator.set_losses(values)
-        self._gram = None
-        if features is not None:
-            self._backward_features(losses, mix, heads_loss, features)
-        elif not self._engine.shared:  # K = 1, or no parameter reached by two tasks
-            if self._weighting_needs_j:
-                raise ValueError(
-                    f"{self.weighting!r} needs the per-task gradients of shared parameters, but "
-                    "no parameter is reached by two or more losses (K = 1, or no shared trunk); "
-                    "pass shared= to name them, or use another weighting"
-                )
-            self._backward_sum(heads_loss)
-        elif self.route == "gramian":
-            self._backward_gramian(losses, mix, heads_loss)
-        elif (
-            self.aggregator is not None
-            or self._per_task_state
-            or self._weighting_needs_j
-            or self._hooks_need_jacobian
-        ):
-            self._backward_jacobian(losses, mix, heads_loss)
-        else:
-            self._backward_sum(heads_loss)
+        self._pipeline.run(losses, values, features)
         self._call_gradient_hooks(values, features is not None)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
-        """Update the parameters with ``base`` (a no-op after a skipped non-finite batch)."""
-        if closure is not None and _needs_closure(self.base_class):
-            return self._step_with_closure(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_plain_backward()
-        if not self._skip:
-            self._clip()
-            self._update()
-            if self.weighting is not None:
-                self.weighting.after_step()
-        self._new_window()
-        return loss
+    # --- extension surface: what subclasses (AdaTask, RandomTaskGrouping) override ----------
+    def check_param_group(self, group: dict[str, Any]) -> None:
+        """Reject hyperparameters the method cannot honour (raise ``ValueError``)."""
+
+    def task_objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Pipeline stage 1: ``D = ∂o/∂L`` (or ``None``) and the scalar whose gradient the
+        task-specific parameters receive (see :mod:`mtl_optim._pipeline`)."""
+        return self._pipeline.objectives(losses, values)
+
+    def combine(self, jacobian: Tensor) -> Tensor:
+        """Pipeline stage 4: the shared direction from the ``(K, d)`` gradients (the aggregator's,
+        or their sum), recording task weights through :attr:`guard`."""
+        return self._pipeline.combine(jacobian)
+
+    def shared_update(self, jacobian: Tensor) -> Tensor:
+        """What the shared parameters' ``.grad`` holds after ``backward`` (default:
+        :meth:`combine`; AdaTask also keeps the per-task rows for its update)."""
+        return self.combine(jacobian)
+
+    def apply_update(self) -> None:
+        """Move the parameters (default: the base optimizer's ``step``)."""
+        self._base.step()
+
+    def window_reset(self) -> None:
+        """Called when an accumulation window ends (``step``, ``zero_grad``, a load)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Entries a subclass adds to ``state_dict()["mtl"]``."""
+        return {}
+
+    def check_extra_state(self, mtl: dict[str, Any], slices: list[GroupSlice]) -> None:
+        """Validate a checkpoint's subclass entries against the shared layout ``slices``
+        before anything is loaded (raise ``ValueError``)."""
+
+    def load_extra_state(self, mtl: dict[str, Any]) -> None:
+        """Load the entries :meth:`extra_state` wrote."""
+
+    def shared_set_changing(self, shared: set[int]) -> dict[int, int] | None:
+        """Before the engine adopts a new shared set (``id``s of parameters): returns each
+        shared parameter's cohort (see :class:`~mtl_optim.engine.GroupSlice`), or ``None``."""
+        return None
+
+    def shared_set_changed(self) -> None:
+        """After the engine adopted a new shared set."""
+
+    # --- internals -------------------------------------------------------------------
+    def _new_window(self) -> None:
+        self._engine.reset()
+        self._pipeline.external = None
+        self.guard.new_window()
+        self.window_reset()
+
+    def _check_features(self, features: Tensor | Sequence[Tensor], replicas: Replicas) -> list:
+        features = [features] if isinstance(features, Tensor) else list(features)
+        if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
+            raise ValueError(
+                "features must be the shared representation: tensor(s) inside the autograd "
+                "graph between the shared trunk and the task heads"
+            )
+        if replicas.active and (
+            not (self.aggregator is None or isinstance(self.aggregator, GramianWeightedAggregator))
+            or self._weighting_needs_j
+        ):
+            raise ValueError(
+                "across processes, features= needs an aggregator that depends only on the "
+                "Gramian (each rank's representation holds different samples, so only the "
+                "summed Gramian is global) and a weighting that does not look at gradients"
+            )
+        if self.per_task_state:
+            raise ValueError(
+                f"{type(self).__name__} needs per-task gradients of the shared "
+                "parameters; features= is not supported"
+            )
+        return features
+
+    @property
+    def _hooks_need_jacobian(self) -> bool:
+        return any(needs for _, needs in self._gradient_hooks.values())
+
+    def _call_gradient_hooks(self, values: Tensor, features: bool) -> None:
+        if not self._gradient_hooks or self.guard.skipping:
+            return
+        jacobian = None if features else self._engine.jacobian
+        info = GradientInfo(
+            losses=values,
+            jacobian=None if jacobian is None else self._pipeline.unscale(jacobian),
+            weights=self.last_weights,
+            shared=tuple(self._engine.shared or ()),
+            slices=tuple(self._engine.slices),
+            _gramian=self._pipeline.gram,
+        )
+        for hook, _ in list(self._gradient_hooks.values()):
+            hook(self, info)
 
     def _step_with_closure(self, closure: Any) -> Tensor | None:
         """Bases that re-evaluate the objective inside ``step`` (L-BFGS): the closure must call
@@ -597,7 +474,7 @@ class MTLOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
             self._check_plain_backward()
-            if self._skip:
+            if self.guard.skipping:
                 raise NonFiniteError(
                     "non-finite loss or gradient inside an L-BFGS closure: a line search "
                     "cannot skip an evaluation; fix the batch or lower the learning rate"
@@ -622,7 +499,7 @@ class MTLOptimizer(Optimizer):
             warnings.warn(
                 f"{type(self).__name__}.step() found gradients but no opt.backward(losses) call "
                 "since the last step: the multi-task method was not applied (shared parameters "
-                f"{'were not updated' if self._per_task_state else 'got the plain summed gradient'}"
+                f"{'were not updated' if self.per_task_state else 'got the plain summed gradient'}"
                 "). Call opt.backward(losses) instead of loss.backward()",
                 UserWarning,
                 stacklevel=3,
@@ -630,9 +507,8 @@ class MTLOptimizer(Optimizer):
 
     @property
     def _has_method(self) -> bool:
-        return self.aggregator is not None or self.weighting is not None or self._per_task_state
+        return self.aggregator is not None or self.weighting is not None or self.per_task_state
 
-    # --- internals -------------------------------------------------------------------
     def _param_layout(self) -> tuple[tuple[tuple[int, bool], ...], ...]:
         """Which tensors each group trains now: re-detection runs when this changes."""
         return tuple(
@@ -649,283 +525,21 @@ class MTLOptimizer(Optimizer):
                 "the middle of an accumulation window; call step() or zero_grad() first"
             )
         shared = self._engine.detect(losses, self.param_groups, self._shared_arg, joined)
-        cohorts = self._shared_set_changing(shared)
+        cohorts = self.shared_set_changing(shared)
         self._engine.set_shared(self.param_groups, shared, cohorts)
         self._layout = self._param_layout()
-        self._shared_set_changed()
-
-    def _shared_set_changing(self, shared: set[int]) -> dict[int, int] | None:
-        """Extension point: before the engine adopts a new shared set (``id``s). Returns the
-        cohort of each shared parameter (see :class:`~mtl_optim.engine.GroupSlice`)."""
-        return None
-
-    def _shared_set_changed(self) -> None:
-        """Extension point: after the engine adopted a new shared set."""
+        self.shared_set_changed()
 
     def _replicas_(self) -> Replicas:
         if self._replicas is None:
             self._replicas = Replicas(self.process_group)
         return self._replicas
 
-    def _mean_grads(self, params: list[Tensor]) -> None:
-        """Average ``.grad`` of ``params`` across ranks (a parameter without a gradient on this
-        rank but with one on another takes part with zeros)."""
-        params = self._engine.replicated(params)
-        replicas = self._replicas_()
-        if not replicas.active or not params:
-            return
-        device = params[0].device
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-        torch.distributed.all_reduce(has, group=replicas.group)
-        used = []
-        for p, flag in zip(params, has.tolist()):
-            if flag > 0:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                used.append(p.grad)
-        replicas.mean_(used)
-
     @property
     def _weighting_needs_j(self) -> bool:
         return self.weighting is not None and self.weighting.needs_jacobian
-
-    @property
-    def max_norm(self) -> float | None:
-        """The norm the shared gradient is clipped to before each step (aggregator or weighting)."""
-        norms = [m.max_norm for m in (self.aggregator, self.weighting) if m is not None]
-        norms = [n for n in norms if n is not None]
-        return min(norms) if norms else None
 
     def _clip(self) -> None:
         max_norm = self.max_norm
         if max_norm is not None and self._engine.ready:
             torch.nn.utils.clip_grad_norm_(self._engine.shared, max_norm)
-
-    def _update(self) -> None:
-        self._base.step()
-
-    def _objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:
-        r"""Apply the weighting by the chain rule.
-
-        Returns ``D = ∂o/∂L`` (``None`` without a weighting) and a scalar whose gradient is
-        :math:`\nabla \sum_i o_i` for every parameter, including the weighting's own.
-        The weighting runs on a detached leaf copy of the loss values, so the K per-task passes
-        stay on the raw losses and never traverse another task's head.
-        """
-        stacked = torch.stack(losses)
-        if self.weighting is None:
-            self.last_weights = None
-            return None, stacked.sum()
-        leaf = values.clone().requires_grad_(True)
-        with torch.enable_grad():
-            objectives = self.weighting(leaf)
-        if objectives.shape != leaf.shape:
-            raise ValueError(
-                f"{self.weighting!r} returned shape {tuple(objectives.shape)}, "
-                f"expected ({leaf.numel()},)"
-            )
-        if self.weighting.separable:  # ∂o/∂L is diagonal: one pass gives it
-            (diag,) = torch.autograd.grad(
-                objectives.sum(), leaf, retain_graph=True, allow_unused=True
-            )
-            mix = torch.diag(torch.zeros_like(leaf) if diag is None else diag)
-        else:
-            rows = [
-                torch.autograd.grad(o, leaf, retain_graph=True, allow_unused=True)[0]
-                for o in objectives.unbind()
-            ]
-            mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
-        heads_loss = (mix.sum(0).detach() * stacked).sum()
-        if objectives.requires_grad:  # learnable weighting parameters (e.g. uncertainty)
-            learnable = objectives.sum() - objectives.sum().detach()
-            if self._scale is not None:
-                learnable = learnable * self._scale
-            heads_loss = heads_loss + learnable
-        w = self.weighting.weights
-        self.last_weights = None if w is None else w.detach()
-        return mix.detach(), heads_loss
-
-    def _combine(self, jacobian: Tensor) -> Tensor:
-        """The aggregator's direction, recording its row weights where it has them."""
-        agg = self.aggregator
-        if agg is None:
-            return jacobian.sum(0)
-        if isinstance(agg, WeightedAggregator):
-            return self._row_weights(agg, jacobian) @ jacobian
-        self.last_weights = None
-        return self._engine.aggregate(agg, jacobian)
-
-    def _row_weights(self, agg: WeightedAggregator, jacobian: Tensor) -> Tensor:
-        """The aggregator's row weights, folded into ``last_weights`` (times the weighting's)."""
-        w = self._engine.row_weights(agg, jacobian)
-        self.last_weights = w if self.last_weights is None else w * self.last_weights
-        return w
-
-    def _backward_sum(self, total: Tensor) -> None:
-        total.backward()
-        self._mean_grads([p for g in self.param_groups for p in g["params"] if p.requires_grad])
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._finite([p.grad for p in params], "gradient")
-        if self.last_weights is None:
-            self.last_weights = torch.ones(self._engine.num_tasks, device=total.device)
-
-    def _backward_heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> bool:
-        if inputs:
-            torch.autograd.backward(heads_loss, inputs=inputs, retain_graph=True)
-            self._mean_grads(inputs)
-        return self._finite([p.grad for p in inputs if p.grad is not None], "gradient")
-
-    def _backward_jacobian(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor):
-        if not self._backward_heads(heads_loss, self._engine.task_specific):
-            return
-        if self._external is None:  # first backward of this window
-            self._external = [
-                None if p.grad is None else p.grad.clone() for p in self._engine.shared
-            ]
-        separable = self.weighting is not None and self.weighting.separable
-        row_mix = mix.diagonal() if mix is not None and separable else mix
-        jacobian = self._engine.compute(losses, mix=row_mix)
-        if not self._finite([jacobian], "gradient"):
-            return
-        jacobian = self._unscale(jacobian)
-        if self._weighting_needs_j:
-            jacobian = self._observe(jacobian)
-        self._engine.write_grads(self._rescale(self._shared_update(jacobian)), self._external)
-
-    def _backward_gramian(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor):
-        if not self._backward_heads(heads_loss, self._engine.task_specific):
-            return
-        gram = self._engine.gramian(losses)
-        if not self._finite([gram], "gradient"):
-            return
-        if self._scale is not None:
-            gram = gram / self._scale.to(gram) ** 2
-        if mix is not None:  # Gramian of the objectives' gradients D J
-            mix64 = mix.to(gram)
-            gram = mix64 @ gram @ mix64.T
-        self._gram = gram
-        w = self.aggregator.weights_from_gramian(gram)
-        self.last_weights = w if self.last_weights is None else w * self.last_weights
-        coeff = w if mix is None else w.to(mix.dtype) @ mix
-        shared = self._engine.shared
-        torch.autograd.backward(
-            losses,
-            grad_tensors=[c.to(loss.dtype) for c, loss in zip(coeff.unbind(), losses)],
-            inputs=shared,
-        )
-        self._mean_grads(shared)
-        self._finite([p.grad for p in shared if p.grad is not None], "gradient")
-
-    def _shared_update(self, jacobian: Tensor) -> Tensor:
-        """What the shared parameters' ``.grad`` holds after ``backward``."""
-        return self._combine(jacobian)
-
-    def _backward_features(
-        self,
-        losses: list[Tensor],
-        mix: Tensor | None,
-        heads_loss: Tensor,
-        zs: list[Tensor],
-    ) -> None:
-        if self._upstream is None:
-            self._upstream = set().union(*(reachable_params(z) for z in zs))
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        above = [p for p in params if id(p) in self._upstream]
-        if not self._backward_heads(heads_loss, [p for p in params if id(p) not in self._upstream]):
-            return
-        grads_z = self._engine.representation(losses, zs)
-        replicas = self._replicas_()
-        if not replicas.active and not self._finite([grads_z], "gradient"):
-            return
-        grads_z = self._unscale(grads_z)
-        if mix is not None:
-            grads_z = mix.to(grads_z.dtype) @ grads_z
-        if self._weighting_needs_j:
-            grads_z = self._observe(grads_z)
-        if replicas.active and self.aggregator is not None:
-            combined = self._combine_across_ranks(grads_z, replicas)
-            if combined is None:
-                return
-            combined = self._rescale(combined)
-        else:
-            combined = self._rescale(self._combine(grads_z))
-        sizes = [z.numel() for z in zs]
-        grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
-        torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
-        self._mean_grads(above)
-        self._finite([p.grad for p in above if p.grad is not None], "gradient")
-
-    def _combine_across_ranks(self, grads_z: Tensor, replicas: Replicas) -> Tensor | None:
-        r"""MGDA-UB across processes. The representation of the whole batch is the ranks'
-        blocks side by side, and a rank's block of :math:`\nabla_z L` is its local gradient
-        divided by the number of ranks R, so the whole batch's Gramian is
-        :math:`\sum_r G_r G_r^\top / R^2` (one all-reduce of ``K×K``). Each rank applies the
-        weights to its own block; the parameters' gradients are then averaged."""
-        gram = gramian(grads_z.detach())
-        replicas.sum_([gram])  # a NaN on any rank reaches every rank: all skip together
-        gram = gram / replicas.size**2
-        if not self._finite([gram], "gradient"):
-            return None
-        w = self.aggregator.weights_from_gramian(gram)
-        self.last_weights = w if self.last_weights is None else w * self.last_weights
-        return w.to(grads_z.dtype) @ grads_z
-
-    def _unscale(self, grads: Tensor) -> Tensor:
-        return grads if self._scale is None else grads / self._scale.to(grads.dtype)
-
-    def _rescale(self, grads: Tensor) -> Tensor:
-        return grads if self._scale is None else grads * self._scale.to(grads.dtype)
-
-    def _observe(self, jacobian: Tensor) -> Tensor:
-        """``weighting.observe``; gradients it sets on its own parameters are scaled like the
-        rest of ``.grad`` when a GradScaler is in use."""
-        params = self.weighting.parameters() if self._scale is not None else []
-        before = [None if p.grad is None else p.grad.clone() for p in params]
-        out = self.weighting.observe(jacobian)
-        for p, old in zip(params, before):
-            if p.grad is not None:
-                new = p.grad if old is None else p.grad - old
-                p.grad = (0 if old is None else old) + new * self._scale.to(new.dtype)
-        return out
-
-    def _finite(self, tensors: list[Tensor], what: str, skip: bool = True) -> bool:
-        """One host sync: are all ``tensors`` finite? If not, skip or raise per ``nonfinite``.
-
-        With ``skip=False`` a non-finite value only warns (and returns False); the step is kept.
-        """
-        tensors = self._engine.finite_inputs(tensors)
-        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for t in tensors:
-            if t.is_sparse:  # nn.Embedding(sparse=True): check the stored values
-                t = t.coalesce().values()
-            groups.setdefault((t.device, t.dtype), []).append(t)
-        bad = 0.0
-        for (device, _), group in groups.items():
-            found = torch.zeros((), dtype=torch.float32, device=device)
-            # GradScaler's fused check; with a unit scale it leaves the tensors unchanged.
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                group, found, torch.ones((), dtype=torch.float32, device=device)
-            )
-            bad += found.item()
-        if bad == 0:
-            return True
-        if self._scale is not None and what == "gradient" and skip:
-            # An overflow of the loss scale: GradScaler's business. Make sure it finds the Inf
-            # in .grad (it skips the step and lowers the scale); no warning.
-            for p in self._engine.shared or []:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.fill_(float("inf"))
-            self._skip = True
-            self._rollback()
-            return False
-        message = f"non-finite {what} (NaN or Inf) in this batch"
-        if self.nonfinite == "raise":
-            raise NonFiniteError(message)
-        if not skip:
-            warnings.warn(f"{message}: ignored", RuntimeWarning, stacklevel=3)
-            return False
-        warnings.warn(f"{message}: the next step() is skipped", RuntimeWarning, stacklevel=4)
-        self._skip = True
-        self._rollback()
-        return False

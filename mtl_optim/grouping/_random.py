@@ -65,7 +65,8 @@ class RandomTaskGrouping(MTLOptimizer):
     * the parameters reached only by tasks outside :math:`S` (their heads) keep
       ``.grad = None``, so the base optimizer leaves them and their state untouched.
 
-    This is the random task grouping baseline of spec §11.2, run as an optimizer mode
+    This is a random task grouping baseline (see docs/methods/grouping.md, "Random task groups"),
+    run as an optimizer mode
     **(ours; the paper's RG protocol is unverified)**. Design decisions:
 
     * It is an :class:`~mtl_optim.MTLOptimizer` subclass rather than a wrapper or a selector:
@@ -150,8 +151,8 @@ class RandomTaskGrouping(MTLOptimizer):
             self._group = self.last_group = self._schedule.next(k)
         super().backward(checked, **kwargs)
         if self.aggregator is None:
-            self.last_weights = self._scatter(
-                torch.ones(len(self._group), device=checked[0].device), k
+            self.guard.set_weights(
+                self._scatter(torch.ones(len(self._group), device=checked[0].device), k)
             )
 
     def _scatter(self, values: Tensor, k: int) -> Tensor:
@@ -160,29 +161,28 @@ class RandomTaskGrouping(MTLOptimizer):
         full[list(self._group or ())] = values
         return full
 
-    def _objectives(self, losses: list[Tensor], values: Tensor) -> tuple[None, Tensor]:
+    def task_objectives(self, losses: list[Tensor], values: Tensor) -> tuple[None, Tensor]:
         group = list(self._group or ())
-        self.last_weights = None
+        self.guard.set_weights(None)
         self._group_values = values[group]
         return None, torch.stack([losses[i] for i in group]).sum()
 
-    def _combine(self, jacobian: Tensor) -> Tensor:
+    def combine(self, jacobian: Tensor) -> Tensor:
         rows = torch.tensor(self._group, device=jacobian.device)
         if self.aggregator is not None and self.aggregator.needs_losses:
             self.aggregator.set_losses(cast(Tensor, self._group_values))  # it was handed all K
-        direction = super()._combine(jacobian.index_select(0, rows))
+        direction = super().combine(jacobian.index_select(0, rows))
         if self.last_weights is not None:
-            self.last_weights = self._scatter(self.last_weights, jacobian.shape[0])
+            self.guard.set_weights(self._scatter(self.last_weights, jacobian.shape[0]))
         return direction
 
-    def _new_window(self) -> None:
-        super()._new_window()
+    def window_reset(self) -> None:
         self._group = None
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"grouping": self._schedule.state_dict()}
 
-    def _load_extra_state(self, mtl: dict[str, Any]) -> None:
+    def load_extra_state(self, mtl: dict[str, Any]) -> None:
         if "grouping" not in mtl:
             raise ValueError("not a RandomTaskGrouping state_dict: 'grouping' is missing")
         self._schedule.load_state_dict(mtl["grouping"])

@@ -1,0 +1,277 @@
+r"""The backward pipeline of ``MTLOptimizer``: from K losses to every parameter's ``.grad``.
+
+One call of ``opt.backward(losses)`` runs these stages, in this order:
+
+1. **objectives** — the weighting maps the loss values to objectives :math:`o = W(L)` and the
+   chain rule gives :math:`D = \partial o / \partial L` (``None`` without a weighting) and one
+   scalar whose gradient is :math:`\nabla \sum_i o_i` for every task-specific parameter;
+2. **per-task gradients or Gramian** — the engine forms what the method needs: nothing (the
+   *sum* route: one reverse pass), the ``(K, d)`` matrix ``J`` of the shared parameters (the
+   *Jacobian* route), only the ``K×K`` Gramian (the *Gramian* route), or the gradients at a
+   shared representation (the *features* route, MGDA-UB);
+3. **guard** — every gradient passes the non-finite check of :class:`~mtl_optim._guard.Guard`
+   (a failure skips the step and rolls method state back);
+4. **combine** — the aggregator turns ``J`` (or the Gramian) into one direction, recording its
+   task weights through the guard; a subclass may replace this stage (``shared_update``);
+5. **write** — the direction goes into the shared parameters' ``.grad``, with gradients that
+   were already there (a regulariser's own ``backward``) kept and added to.
+
+Mixed precision (the GradScaler's scale) and distributed training (averaging through
+:class:`~mtl_optim._distributed.Replicas` or the sharded engine) are services the stages use;
+no stage calls ``torch.distributed`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ._distributed import Replicas
+from ._linalg import gramian
+from .aggregators import WeightedAggregator
+from .engine import reachable_params
+
+if TYPE_CHECKING:
+    from .optimizer import MTLOptimizer
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """The stages of one ``backward`` for one optimizer (see the module docstring)."""
+
+    def __init__(self, optimizer: MTLOptimizer) -> None:
+        self._opt = optimizer
+        self.gram: Tensor | None = None  # the Gramian route's last Gramian, for hooks
+        self._upstream: set[int] | None = None  # params above `features`, found on first use
+        self.external: list[Tensor | None] | None = None  # .grad at the window start
+
+    # --- the run --------------------------------------------------------------------------
+    def run(self, losses: list[Tensor], values: Tensor, features: list[Tensor] | None) -> None:
+        """Stages 1–5 for one ``backward`` call (the route chosen from the method's needs)."""
+        opt = self._opt
+        opt.guard.start_window()
+        mix, heads_loss = opt.task_objectives(losses, values)
+        if opt.aggregator is not None and opt.aggregator.needs_losses:
+            opt.aggregator.set_losses(values)
+        self.gram = None
+        engine = opt._engine
+        if features is not None:
+            self.features_route(losses, mix, heads_loss, features)
+        elif not engine.shared:  # K = 1, or no parameter reached by two tasks
+            if opt._weighting_needs_j:
+                raise ValueError(
+                    f"{opt.weighting!r} needs the per-task gradients of shared parameters, but "
+                    "no parameter is reached by two or more losses (K = 1, or no shared trunk); "
+                    "pass shared= to name them, or use another weighting"
+                )
+            self.sum_route(heads_loss)
+        elif opt.route == "gramian":
+            self.gramian_route(losses, mix, heads_loss)
+        elif (
+            opt.aggregator is not None
+            or opt.per_task_state
+            or opt._weighting_needs_j
+            or opt._hooks_need_jacobian
+        ):
+            self.jacobian_route(losses, mix, heads_loss)
+        else:
+            self.sum_route(heads_loss)
+
+    # --- stage 1: objectives ----------------------------------------------------------------
+    def objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:
+        r"""Apply the weighting by the chain rule.
+
+        Returns ``D = ∂o/∂L`` (``None`` without a weighting) and a scalar whose gradient is
+        :math:`\nabla \sum_i o_i` for every parameter, including the weighting's own.
+        The weighting runs on a detached leaf copy of the loss values, so the K per-task passes
+        stay on the raw losses and never traverse another task's head.
+        """
+        opt = self._opt
+        stacked = torch.stack(losses)
+        if opt.weighting is None:
+            opt.guard.set_weights(None)
+            return None, stacked.sum()
+        leaf = values.clone().requires_grad_(True)
+        with torch.enable_grad():
+            objectives = opt.weighting(leaf)
+        if objectives.shape != leaf.shape:
+            raise ValueError(
+                f"{opt.weighting!r} returned shape {tuple(objectives.shape)}, "
+                f"expected ({leaf.numel()},)"
+            )
+        if opt.weighting.separable:  # ∂o/∂L is diagonal: one pass gives it
+            (diag,) = torch.autograd.grad(
+                objectives.sum(), leaf, retain_graph=True, allow_unused=True
+            )
+            mix = torch.diag(torch.zeros_like(leaf) if diag is None else diag)
+        else:
+            rows = [
+                torch.autograd.grad(o, leaf, retain_graph=True, allow_unused=True)[0]
+                for o in objectives.unbind()
+            ]
+            mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
+        heads_loss = (mix.sum(0).detach() * stacked).sum()
+        if objectives.requires_grad:  # learnable weighting parameters (e.g. uncertainty)
+            learnable = objectives.sum() - objectives.sum().detach()
+            if opt._scale is not None:
+                learnable = learnable * opt._scale
+            heads_loss = heads_loss + learnable
+        w = opt.weighting.weights
+        opt.guard.set_weights(None if w is None else w.detach())
+        return mix.detach(), heads_loss
+
+    # --- stage 4: combine ---------------------------------------------------------------
+    def combine(self, jacobian: Tensor) -> Tensor:
+        """The aggregator's direction, recording its row weights where it has them."""
+        opt = self._opt
+        agg = opt.aggregator
+        if agg is None:
+            return jacobian.sum(0)
+        if isinstance(agg, WeightedAggregator):
+            return self.row_weights(agg, jacobian) @ jacobian
+        opt.guard.set_weights(None)
+        return opt._engine.aggregate(agg, jacobian)
+
+    def row_weights(self, agg: WeightedAggregator, jacobian: Tensor) -> Tensor:
+        """The aggregator's row weights, folded into ``last_weights`` (times the weighting's)."""
+        w = self._opt._engine.row_weights(agg, jacobian)
+        self._opt.guard.fold_weights(w)
+        return w
+
+    # --- stage 2 and the routes ---------------------------------------------------------
+    def sum_route(self, total: Tensor) -> None:
+        """No per-task gradient: one reverse pass of the weighted sum for every parameter."""
+        opt = self._opt
+        total.backward()
+        self.mean_grads([p for g in opt.param_groups for p in g["params"] if p.requires_grad])
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        opt.guard.check([p.grad for p in params], "gradient")
+        if opt.guard.last_weights is None:
+            opt.guard.set_weights(torch.ones(opt._engine.num_tasks, device=total.device))
+
+    def heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> bool:
+        """The task-specific parameters' gradients, in one reverse pass."""
+        if inputs:
+            torch.autograd.backward(heads_loss, inputs=inputs, retain_graph=True)
+            self.mean_grads(inputs)
+        return self._opt.guard.check([p.grad for p in inputs if p.grad is not None], "gradient")
+
+    def jacobian_route(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor) -> None:
+        opt, engine = self._opt, self._opt._engine
+        if not self.heads(heads_loss, engine.task_specific):
+            return
+        if self.external is None:  # first backward of this window
+            self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
+        separable = opt.weighting is not None and opt.weighting.separable
+        row_mix = mix.diagonal() if mix is not None and separable else mix
+        jacobian = engine.compute(losses, mix=row_mix)
+        if not opt.guard.check([jacobian], "gradient"):
+            return
+        jacobian = self.unscale(jacobian)
+        if opt._weighting_needs_j:
+            jacobian = self.observe(jacobian)
+        engine.write_grads(self.rescale(opt.shared_update(jacobian)), self.external)
+
+    def gramian_route(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor) -> None:
+        opt, engine = self._opt, self._opt._engine
+        if not self.heads(heads_loss, engine.task_specific):
+            return
+        gram = engine.gramian(losses)
+        if not opt.guard.check([gram], "gradient"):
+            return
+        if opt._scale is not None:
+            gram = gram / opt._scale.to(gram) ** 2
+        if mix is not None:  # Gramian of the objectives' gradients D J
+            mix64 = mix.to(gram)
+            gram = mix64 @ gram @ mix64.T
+        self.gram = gram
+        w = opt.aggregator.weights_from_gramian(gram)
+        opt.guard.fold_weights(w)
+        coeff = w if mix is None else w.to(mix.dtype) @ mix
+        shared = engine.shared
+        torch.autograd.backward(
+            losses,
+            grad_tensors=[c.to(loss.dtype) for c, loss in zip(coeff.unbind(), losses)],
+            inputs=shared,
+        )
+        self.mean_grads(shared)
+        opt.guard.check([p.grad for p in shared if p.grad is not None], "gradient")
+
+    def features_route(
+        self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor, zs: list[Tensor]
+    ) -> None:
+        opt = self._opt
+        if self._upstream is None:
+            self._upstream = set().union(*(reachable_params(z) for z in zs))
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        above = [p for p in params if id(p) in self._upstream]
+        if not self.heads(heads_loss, [p for p in params if id(p) not in self._upstream]):
+            return
+        grads_z = opt._engine.representation(losses, zs)
+        replicas = opt._replicas_()
+        if not replicas.active and not opt.guard.check([grads_z], "gradient"):
+            return
+        grads_z = self.unscale(grads_z)
+        if mix is not None:
+            grads_z = mix.to(grads_z.dtype) @ grads_z
+        if opt._weighting_needs_j:
+            grads_z = self.observe(grads_z)
+        if replicas.active and opt.aggregator is not None:
+            combined = self.combine_across_ranks(grads_z, replicas)
+            if combined is None:
+                return
+            combined = self.rescale(combined)
+        else:
+            combined = self.rescale(opt.combine(grads_z))
+        sizes = [z.numel() for z in zs]
+        grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
+        torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
+        self.mean_grads(above)
+        opt.guard.check([p.grad for p in above if p.grad is not None], "gradient")
+
+    def combine_across_ranks(self, grads_z: Tensor, replicas: Replicas) -> Tensor | None:
+        r"""MGDA-UB across processes. The representation of the whole batch is the ranks'
+        blocks side by side, and a rank's block of :math:`\nabla_z L` is its local gradient
+        divided by the number of ranks R, so the whole batch's Gramian is
+        :math:`\sum_r G_r G_r^\top / R^2` (one all-reduce of ``K×K``). Each rank applies the
+        weights to its own block; the parameters' gradients are then averaged."""
+        opt = self._opt
+        gram = gramian(grads_z.detach())
+        replicas.sum_([gram])  # a NaN on any rank reaches every rank: all skip together
+        gram = gram / replicas.size**2
+        if not opt.guard.check([gram], "gradient"):
+            return None
+        w = opt.aggregator.weights_from_gramian(gram)
+        opt.guard.fold_weights(w)
+        return w.to(grads_z.dtype) @ grads_z
+
+    # --- services -------------------------------------------------------------------------
+    def mean_grads(self, params: list[Tensor]) -> None:
+        """Average ``.grad`` of ``params`` across ranks (a parameter without a gradient on this
+        rank but with one on another takes part with zeros)."""
+        opt = self._opt
+        opt._replicas_().mean_grads(opt._engine.replicated(params))
+
+    def unscale(self, grads: Tensor) -> Tensor:
+        scale = self._opt._scale
+        return grads if scale is None else grads / scale.to(grads.dtype)
+
+    def rescale(self, grads: Tensor) -> Tensor:
+        scale = self._opt._scale
+        return grads if scale is None else grads * scale.to(grads.dtype)
+
+    def observe(self, jacobian: Tensor) -> Tensor:
+        """``weighting.observe``; gradients it sets on its own parameters are scaled like the
+        rest of ``.grad`` when a GradScaler is in use."""
+        opt = self._opt
+        params = opt.weighting.parameters() if opt._scale is not None else []
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        out = opt.weighting.observe(jacobian)
+        for p, old in zip(params, before):
+            if p.grad is not None:
+                new = p.grad if old is None else p.grad - old
+                p.grad = (0 if old is None else old) + new * opt._scale.to(new.dtype)
+        return out
