@@ -30,14 +30,18 @@ Without CUDA the suite runs what it can (``--quick``: the torch paths, the metho
 float32 against float64, the torch-path timings, TorchJD on the CPU if installed) and marks
 the CUDA-only parts as skipped; ``tests/test_gpu_suite.py`` runs that part in CI.
 
-**On a lent GPU machine** (Python 3.12, torch 2.11, triton 3.6; no TorchJD there): first, on
-the development machine, ``bash benchmarks/gpu/prepare_wheels.sh`` puts the wheels TorchJD
-needs into ``.whl/`` (ignored by git); then one device command, carrying ``.whl``::
+**On a lent GPU machine** (Python 3.12, torch 2.11, triton 3.6, pytest, hypothesis and
+pytest-xdist; no TorchJD, no package index): first, on the development machine,
+``bash benchmarks/gpu/prepare_wheels.sh`` puts the wheels of TorchJD 0.18.0 and its QP solver
+(qpsolvers, quadprog; under 1 MiB) into ``.whl/``, which git ignores. Then one device command
+that carries ``.whl`` (timeout 540 s: the suite's own guard stops it after 420 s)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
     mkdir -p $OUT/gpu; set -o pipefail; \
     PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu --out $OUT/gpu 2>&1 | tee $OUT/gpu/log.txt
 
-and copy the returned ``gpu/*.md`` into ``benchmarks/results/gpu/``.
+It writes seven files under ``$OUT/gpu`` (six tables and the log); copy the returned
+``gpu/*.md`` into ``benchmarks/results/gpu/`` and commit them. ``--sections 2,4`` reruns some
+sections only (with a smaller ``--budget``).
 """
