@@ -437,3 +437,12 @@ def test_dynamic_validation():
     with pytest.raises(ValueError, match="no dynamic schedule"):
         ds.attach(opt)
     assert not parametrize.is_parametrized(model.trunk[0])
+    ds.dynamic(opt, 0.2, 100, every=10)
+    ds.remove()  # permanent: dynamic training ends and its hooks are gone
+    assert not parametrize.is_parametrized(model.trunk[0])
+    with pytest.raises(ValueError, match="no dynamic schedule"):
+        ds.attach(opt)
+    losses = loss_fn(model)(batches(n=1)[0])
+    opt.zero_grad()
+    opt.backward(losses)
+    opt.step()  # no hook fires

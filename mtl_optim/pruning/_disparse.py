@@ -524,8 +524,10 @@ class DiSparse:
 
     def remove(self) -> None:
         """Make the pruning permanent: drop the parametrizations, leaving the masked values in
-        the (same) weight parameters. Dynamic training hooks are removed too."""
+        the (same) weight parameters. Dynamic training ends: its hooks are removed."""
         self.detach()
+        self._schedule = self._targets = None
+        self._grads = None
         for lyr in self.layers:
             if parametrize.is_parametrized(lyr.module, "weight"):
                 parametrize.remove_parametrizations(lyr.module, "weight", leave_parametrized=True)

@@ -278,7 +278,9 @@ class PairwiseTaskConsistency(nn.Module):
         for entry in labelled:
             if entry is None or isinstance(entry, bool):
                 flags.append(bool(entry))
-            elif isinstance(entry, Tensor):
+            elif isinstance(entry, Tensor) and entry.dtype == torch.bool and entry.numel() == 1:
+                flags.append(bool(entry))
+            elif isinstance(entry, Tensor):  # a loss: the task is labelled
                 flags.append(True)
             else:
                 raise TypeError(f"labelled entries must be losses, None or bools, got {entry!r}")
