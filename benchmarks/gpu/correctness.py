@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -49,10 +49,10 @@ def shared_draws(device: torch.device) -> Iterator[None]:
 
     original_on, original_rand = Seeded.generator_on, torch.rand
 
-    def generator_on(self, _device):  # noqa: ANN001, ANN202
+    def generator_on(self, _device):
         return original_on(self, device)
 
-    def rand(*size, generator=None, device=None, dtype=None, **kw):  # noqa: ANN002, ANN003
+    def rand(*size, generator=None, device=None, dtype=None, **kw):
         if generator is None:
             return original_rand(*size, device=device, dtype=dtype, **kw)
         x = original_rand(*size, generator=generator, device=generator.device, dtype=F64, **kw)
@@ -77,8 +77,8 @@ def count_kernel_calls() -> Iterator[dict[str, int]]:
     names = ["adam_update", "rmsprop_update", "adagrad_update"]
     saved = {n: getattr(kernels, n) for n in names}
 
-    def wrap(fn):  # noqa: ANN001, ANN202
-        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrap(fn):
+        def counted(*args, **kwargs):
             counts["calls"] += 1
             return fn(*args, **kwargs)
 
@@ -133,7 +133,7 @@ def check_case(
     return compare(actual, expected, tolerance(dtype, STEPS)), counts.get("calls", 0)
 
 
-def _cell(fn) -> tuple[str, bool]:  # noqa: ANN001
+def _cell(fn: Callable[[], tuple[Check, int]]) -> tuple[str, bool]:
     try:
         check, calls = fn()
     except Exception as e:  # a method that fails is a result, not the end of the suite

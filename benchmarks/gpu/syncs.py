@@ -87,7 +87,7 @@ def capture_syncs(match: str = MESSAGE) -> Iterator[list[Site]]:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
 
-        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        def show(message, category, filename, lineno, file=None, line=None):
             if match in str(message):
                 sites.append(site_of(traceback.extract_stack()[:-1]))
 
@@ -120,7 +120,7 @@ def sync_debug(mode: str) -> Iterator[None]:
     original = torch.cuda.synchronize
     original()
 
-    def synchronize(device=None):  # noqa: ANN001, ANN202
+    def synchronize(device=None):
         if mode == "error":
             raise RuntimeError(f"{MESSAGE} (torch.cuda.synchronize)")
         warnings.warn(f"{MESSAGE} (torch.cuda.synchronize)", UserWarning, stacklevel=2)
