@@ -3,15 +3,15 @@
     python -m benchmarks.aggregators            # full table -> results/aggregators.md
     python -m benchmarks.aggregators --quick    # smaller sizes -> results/aggregators-quick.md
 
-Part 1 times every aggregator of ``mtl_optim.aggregators`` (API.md's list) on the same random
+Part 1 times every aggregator that ``mtl_optim.aggregators`` exports on the same random
 float32 matrices, ``K`` in {2, 5, 10, 20} and ``d`` in {1e5, 1e6}, interleaved.
 
-Part 2 solves the same sequence of slowly drifting Gramians (as in training, each solve
-warm-started from the previous one) with Nash-MTL's damped Newton, with our cvxpy reference
-(``solver="cvxpy"``, the DPP form of the CCP, ECOS) and with the official formulation of the CCP
-(spec §2: Gramian and previous α as cvxpy Parameters, the tangent built from them inside the
-problem, which is not DPP, so cvxpy re-canonicalises every solve), and reports the speed ratios
-and every solver's residual ``max |α ⊙ Mα − 1|``.
+Part 2 solves the same sequence of slowly drifting Gramians (as in training, each solve warm-started
+from the previous one) with Nash-MTL's damped Newton, with our cvxpy reference (``solver="cvxpy"``,
+the DPP form of the CCP, ECOS) and with the official formulation of the CCP (see
+docs/methods/aggregators.md, "Nash-MTL": Gramian and previous α as cvxpy Parameters, the tangent
+built from them inside the problem, which is not DPP, so cvxpy re-canonicalises every solve), and
+reports the speed ratios and every solver's residual ``max |α ⊙ Mα − 1|``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def gram_sequence(k: int, steps: int, seed: int) -> list[torch.Tensor]:
 
 
 class OfficialCCP:
-    """The official Nash-MTL CCP as spec §2 describes it (not DPP: rebuilt every solve)."""
+    """The official Nash-MTL CCP, as the official code builds it (not DPP: rebuilt every solve)."""
 
     def __init__(self, k: int, optim_niter: int = 20) -> None:
         import cvxpy as cp
@@ -201,7 +201,7 @@ def main() -> None:
         f"{part2}\n\n"
         f"Mean time per training step over {steps - 1} drifting Gramians (after one untimed "
         "compile/first call); residual = max over steps of max_i |α_i (Mα)_i − 1|. The official "
-        "form stops at its own criteria (spec §2), hence its larger residual. Newton is "
+        "form stops at its own criteria, hence its larger residual. Newton is "
         f"{min(ratios):.0f}–{max(ratios):.0f}× faster than the official formulation "
         "(target ≥ 20×)."
     )

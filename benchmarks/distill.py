@@ -5,15 +5,16 @@ first; then, from the same seed, one multi-task student per method:
 
 * **MTL**: the student alone, equal weights (``MTLOptimizer`` over Adam);
 * **MTL + KD**: plus :class:`mtl_optim.distill.AdaptorDistillation` of both trunk layers
-  from every teacher at every step (spec §12, λ = 1);
+  from every teacher at every step (λ = 1; docs/methods/distillation.md);
 * **MTL + SCD**: plus :class:`mtl_optim.distill.SequentialCooperativeDistillation` over the
   same adaptor distillation: one warm-up epoch measuring the gradient cosine of the trunk and
-  the MTL/STL loss ratio, then block-by-block distillation (spec §14, our design).
+  the MTL/STL loss ratio, then block-by-block distillation (our design, see
+  docs/methods/distillation.md).
 
-Model: ``digits_demo.py``'s MLP (two shared Linear(·, 128) + ReLU layers, one linear head per
-task); Adam lr 1e-3, batch 64; the adaptors in their own param group (Adam lr 1e-2, weight
-decay 5e-4). The table gives test accuracy (%) after the last epoch, mean ± std over seeds,
-and Δm (spec §0.3; higher accuracy is better) of each method against the STL teachers of the
+Model: ``digits_demo.py``'s MLP (two shared Linear(·, 128) + ReLU layers, one linear head per task);
+Adam lr 1e-3, batch 64; the adaptors in their own param group (Adam lr 1e-2, weight decay 5e-4). The
+table gives test accuracy (%) after the last epoch, mean ± std over seeds, and Δm
+(docs/benchmarks.md, "Δm"; higher accuracy is better) of each method against the STL teachers of the
 same seed, then averaged; lower Δm is better.
 
     python -m benchmarks.distill            # 3 seeds, 8 epochs
@@ -136,7 +137,7 @@ def train_student(
 
 
 def delta_m(acc: list[float], stl: list[float]) -> float:
-    """Spec §0.3 with every metric higher-better: -(1/K) Σ (M - M_stl) / M_stl × 100."""
+    """Δm with every metric higher-better: -(1/K) Σ (M - M_stl) / M_stl × 100."""
     return -100 * statistics.mean((m - b) / b for m, b in zip(acc, stl))
 
 

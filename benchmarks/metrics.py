@@ -5,7 +5,8 @@ r"""Per-task losses and metrics, and Δm, the relative change against single-tas
         \frac{M_{m,k} - M_{b,k}}{M_{b,k}}
 
 over the K metrics, with :math:`\delta_k = 1` when higher is better for metric :math:`k` and
-:math:`b` the single-task (STL) baseline (spec §0.3; Maninis et al., CVPR 2019, as used by
+:math:`b` the single-task (STL) baseline (see docs/benchmarks.md, "Δm"; Maninis et al., CVPR 2019,
+as used by
 Nash-MTL, FAMO and AdaTask). Lower is better; 0 means "as good as STL on average".
 """
 

@@ -80,8 +80,8 @@ def results_markdown(
         f"- **Budget, identical for every method**: {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"Adam lr {cfg.lr}, model {model}; seeds {', '.join(map(str, seeds))} (same initial "
         "weights and batch order per seed).",
-        "- **Metrics**: test split after the last epoch, mean ± std over seeds. Δm % (spec §0.3) "
-        "against the STL row's mean; lower is better.",
+        "- **Metrics**: test split after the last epoch, mean ± std over seeds. Δm % "
+        "(docs/benchmarks.md) against the STL row's mean; lower is better.",
         "",
         markdown_table(headers, rows),
         "",

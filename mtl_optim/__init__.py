@@ -1,7 +1,7 @@
 """mtl_optim: drop-in PyTorch optimizers for multi-task learning.
 
-``MTLOptimizer`` wraps any torch optimizer and drives it with a gradient aggregator and/or a
-loss weighting; ``AdaTask`` keeps task-wise adaptive state. See ``shared/API.md``.
+``MTLOptimizer`` wraps any torch optimizer and drives it with a gradient aggregator and/or a loss
+weighting; ``AdaTask`` keeps task-wise adaptive state. See docs/getting-started.md.
 """
 
 from . import aggregators, diagnostics, distill, grouping, pruning, regularizers, weighting

@@ -1,7 +1,7 @@
 """Small runtime helpers that the optimizers and the Triton kernels share.
 
 This module imports neither Triton nor any method, so every part of the package may use it
-(see ``docs/design.md``, "Where helpers live").
+(see docs/design.md, "Where helpers live").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""Small numerical helpers shared by the methods: the Gramian, cosines, a guarded logarithm.
 
-Methods import these from here, never from a sibling method file (see ``docs/design.md``,
-"Where helpers live").
+Methods import these from here, never from a sibling method file (see
+docs/design.md, "Where helpers live").
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __all__ = ["LOG_EPS", "TINY", "gramian", "normalized_gramian", "safe_log"]
 #: A squared row norm at or below this counts as a zero row.
 TINY = torch.finfo(torch.float64).tiny
 
-#: Floor under the losses before a logarithm (see ``docs/methods/weightings.md``, "Decisions").
+#: Floor under the losses before a logarithm (see docs/methods/weightings.md, "Log losses").
 LOG_EPS = 1e-8
 
 _GRAM_CHUNK = 1 << 22  # elements of J upcast at a time by `gramian`

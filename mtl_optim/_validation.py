@@ -2,7 +2,7 @@
 
 Convention: a value of the wrong type raises ``TypeError``, a value of the right type outside
 its range raises ``ValueError``; both name the argument and show what was given. ``bool`` is
-not accepted where an ``int`` is asked for. See ``docs/design.md``, "Where helpers live".
+not accepted where an ``int`` is asked for. See docs/design.md, "Where helpers live".
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""AdaTask against torch (K = 1, bit for bit) and against a plain reference from spec §1."""
+"""AdaTask against torch (K = 1, bit for bit) and against a plain reference of its rules.
+
+The rules and decisions tested are in docs/methods/adatask.md.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def test_single_task_equals_base_bit_for_bit(name):
         assert torch.equal(p, q)
 
 
-# --- a reference written straight from spec §1: loops over parameters and tasks ------------
+# --- a reference written straight from the update rules: loops over parameters and tasks ---
 def _reference_step(kind, groups, shared, task_grads, head_grads, state, k):
     """One AdaTask step. ``task_grads[p][i]``: g_i for shared p; ``head_grads[p]``: Σ-grad."""
     for group in groups:
@@ -204,7 +207,7 @@ def test_decoupled_weight_decay_applied_once_not_per_task():
 
 
 def test_identical_tasks_step_is_k_times_adam():
-    """Spec §1 pitfall 4: no 1/K factor, K identical tasks give K Adam steps."""
+    """No 1/K factor: K identical tasks give K Adam steps (docs/methods/adatask.md, "Decisions")."""
     k = 3
     model = make_model(1)
     ref = clone(model)
@@ -254,7 +257,8 @@ def test_unsupported_base_and_flags():
 
 
 def test_aggregator_rows_feed_each_tasks_own_moments():
-    """Spec §1 decision 5: task i's moments get row i of ``aggregator.transform(J)``. ``Sum``
+    """Task i's moments get row i of ``aggregator.transform(J)`` (docs/methods/adatask.md,
+    "With an aggregator"). ``Sum``
     leaves J as is; ``Mean`` scales every row by 1/K, which per-task Adam undoes (up to eps)."""
     k = 3
     data = batches(k, 10)

@@ -1,4 +1,7 @@
-"""Distillation modules: AdaptorDistillation (§12), UniversalRepresentationLoss (§13), SCD (§14)."""
+"""Distillation modules: AdaptorDistillation, UniversalRepresentationLoss, SCD.
+
+The decisions tested are in docs/methods/distillation.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""MGDA (spec §3) and PCGrad (spec §4): guarantees on sampled matrices, golden values, training."""
+"""MGDA and PCGrad: guarantees on sampled matrices, golden values, training.
+
+The decisions tested are in docs/methods/aggregators.md ("MGDA", "PCGrad").
+"""
 
 from __future__ import annotations
 

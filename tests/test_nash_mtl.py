@@ -1,4 +1,7 @@
-"""Nash-MTL (spec §2): the bargaining condition, invariances, fallback, state, cvxpy agreement."""
+"""Nash-MTL: the bargaining condition, invariances, fallback, state, cvxpy agreement.
+
+The decisions tested are in docs/methods/aggregators.md, "Nash-MTL".
+"""
 
 from __future__ import annotations
 

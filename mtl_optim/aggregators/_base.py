@@ -18,8 +18,8 @@ from .._method import Method
 class Aggregator(Method, ABC):
     """Callable on a ``(K, d)`` matrix ``J``; returns the combined ``(d,)`` gradient."""
 
-    #: If set, the optimizer clips the shared parameters' combined gradient to this norm
-    #: (Nash-MTL's official step clips the shared parameters only; spec §2).
+    #: If set, the optimizer clips the shared parameters' combined gradient to this norm (Nash-MTL's
+    #: official step clips the shared parameters only; see docs/methods/aggregators.md, "Nash-MTL").
     max_norm: float | None = None
     #: True for methods that also use the loss values (MGDA's "loss" normalisations); the
     #: optimizer then calls :meth:`set_losses` with the detached ``(K,)`` values before combining.
@@ -40,8 +40,9 @@ class Aggregator(Method, ABC):
     def transform(self, jacobian: Tensor) -> Tensor:
         """Per-task edited gradients ``(K, d)`` whose row sum is the combined gradient.
 
-        AdaTask feeds row ``i`` into task ``i``'s own moments (spec §1, decision 5). The default
-        puts the whole combined direction on every task in proportion 1/K.
+        AdaTask feeds row ``i`` into task ``i``'s own moments (see
+        docs/methods/adatask.md, "With an aggregator"). The default puts the whole combined
+        direction on every task in proportion 1/K.
         """
         return self(jacobian).expand_as(jacobian) / jacobian.shape[0]
 

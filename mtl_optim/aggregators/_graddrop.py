@@ -36,8 +36,8 @@ class GradDrop(Seeded, Aggregator):
 
     **Where it applies.** The paper (and LibMTL, which refuses anything else) applies GradDrop
     to the gradients at the shared representation :math:`z`: pass ``features=z`` to
-    ``MTLOptimizer.backward`` (spec §0, representation gradients). It works on any ``(K, d)``
-    matrix, e.g. parameter gradients, too.
+    ``MTLOptimizer.backward`` (see docs/design.md, "Representation gradients"). It works on any
+    ``(K, d)`` matrix, e.g. parameter gradients, too.
 
     **Deviations.** The official code multiplies :math:`\nabla_z L_i` by
     :math:`\operatorname{sign}(z)` and sums over the batch before computing :math:`P`, so one
@@ -53,7 +53,7 @@ class GradDrop(Seeded, Aggregator):
     tensor crosses from the host and nothing is read back (no host sync); the masks are
     reproducible per device type (CPU and CUDA draw different numbers). :meth:`forward` and
     :meth:`transform` each draw. In distributed training give every rank the same ``seed``
-    (spec §0.5: the masks must agree).
+    (the masks must agree; see docs/design.md, "Distributed training").
 
     Args:
         leak: :math:`\ell`, one number for all tasks or one per task, each in ``[0, 1]``.

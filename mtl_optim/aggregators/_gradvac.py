@@ -39,11 +39,11 @@ class GradVac(Seeded, GramianWeightedAggregator):
     (for AdaTask). The first call (all targets 0) is PCGrad.
 
     **State.** The targets :math:`\hat\phi` (a ``K×K`` float64 tensor, created at the first
-    call; K is then fixed) and the generator of the visiting orders (seeded with ``seed``; a
-    random seed when ``None``) are in :meth:`state_dict` under ``"targets"`` (``None`` before
-    the first call) and ``"generator"``, so a resumed run is bit-identical. Every call
-    (``weights``, ``forward`` or ``transform``) advances both. In distributed training give
-    every rank the same ``seed`` (spec §0.5: the orders must agree).
+    call; K is then fixed) and the generator of the visiting orders (seeded with ``seed``; a random
+    seed when ``None``) are in :meth:`state_dict` under ``"targets"`` (``None`` before the first
+    call) and ``"generator"``, so a resumed run is bit-identical. Every call (``weights``,
+    ``forward`` or ``transform``) advances both. In distributed training give every rank the same
+    ``seed`` (the orders must agree; see docs/design.md, "Distributed training").
 
     **Deviations.** (a) LibMTL updates :math:`\hat\phi_{ij}` only inside the correction branch,
     so its targets can only decrease from 0; we follow the paper (and TorchJD). ``beta=0.5``

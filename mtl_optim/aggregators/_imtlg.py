@@ -13,9 +13,10 @@ from ._base import GramianWeightedAggregator
 class IMTLG(GramianWeightedAggregator):
     r"""IMTL-G weights: :math:`d = J^\top\alpha` with :math:`d\cdot u_i` equal for all tasks.
 
-    Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021 (spec §5). With the unit
-    gradients :math:`u_i = g_i / \lVert g_i\rVert`, :math:`D` the rows :math:`g_1 - g_j` and
-    :math:`U` the rows :math:`u_1 - u_j` (:math:`j = 2..K`), the paper's closed form is
+    Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021 (see
+    docs/methods/aggregators.md, "IMTL-G"). With the unit gradients :math:`u_i = g_i / \lVert
+    g_i\rVert`, :math:`D` the rows :math:`g_1 - g_j` and :math:`U` the rows :math:`u_1 - u_j`
+    (:math:`j = 2..K`), the paper's closed form is
 
     .. math::
         \alpha_{2..K} = g_1 U^\top (D U^\top)^{-1}, \qquad \alpha_1 = 1 - \sum_{j\ge2}\alpha_j,

@@ -18,8 +18,8 @@ _NORMALIZATIONS = get_args(Normalization)
 class MGDA(GramianWeightedAggregator):
     r"""MGDA: the minimum-norm point of the convex hull of the task gradients.
 
-    Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018,
-    arXiv `1810.04650 <https://arxiv.org/abs/1810.04650>`_ (spec §3).
+    Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018, arXiv
+    `1810.04650 <https://arxiv.org/abs/1810.04650>`_ (see docs/methods/aggregators.md, "MGDA").
 
     The weights solve, with :math:`u_t = g_t / n_t` and :math:`\Delta` the probability simplex,
 
@@ -45,13 +45,13 @@ class MGDA(GramianWeightedAggregator):
     The solver works on the ``K×K`` Gramian only. It first runs the official
     ``find_min_norm_element``: the best pair by the closed-form 2-point rule (with its
     0.999 / 0.001 clamps, so for K = 2 a weight is never exactly 0 or 1), then projected gradient
-    along the centred direction :math:`-(D\alpha - \overline{D\alpha})` with the smallest step
-    that reaches a bound, a sort-based projection onto the simplex and an exact 2-point line
-    search, stopping when the ℓ1 change of :math:`\alpha` is below ``tol``. Our decisions
-    (spec §3, pitfalls): at most ``max_iter`` iterations, returning the best iterate seen; the
-    start is the best pair whatever the costs (no 1e8 sentinel); a zero row under ``"l2"`` is
-    divided by ``eps`` (it stays zero) with a warning. :math:`D` is divided by its largest
-    diagonal entry first, which leaves :math:`\alpha^\star` unchanged and makes the absolute
+    along the centred direction :math:`-(D\alpha - \overline{D\alpha})` with the smallest step that
+    reaches a bound, a sort-based projection onto the simplex and an exact 2-point line search,
+    stopping when the ℓ1 change of :math:`\alpha` is below ``tol``. Our decisions, where the
+    official code loops forever or crashes: at most ``max_iter`` iterations, returning the best
+    iterate seen; the start is the best pair whatever the costs (no 1e8 sentinel); a zero row under
+    ``"l2"`` is divided by ``eps`` (it stays zero) with a warning. :math:`D` is divided by its
+    largest diagonal entry first, which leaves :math:`\alpha^\star` unchanged and makes the absolute
     thresholds independent of the gradients' scale. A non-finite ``J`` gives NaN weights.
 
     **Deviation (``exact=True``, default).** The official stop rule fires far from the optimum

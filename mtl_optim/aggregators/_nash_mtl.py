@@ -1,4 +1,4 @@
-r"""Nash-MTL: the Nash bargaining solution of the tasks (spec §2).
+r"""Nash-MTL: the Nash bargaining solution of the tasks.
 
 Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022,
 arXiv `2202.01017 <https://arxiv.org/abs/2202.01017>`_.
@@ -17,9 +17,9 @@ This is exactly the stationarity condition of the strictly convex function
     f(\alpha) = \tfrac12\, \alpha^\top M \alpha - \sum_i \log \alpha_i, \qquad
     \nabla f = M\alpha - 1/\alpha, \qquad \nabla^2 f = M + \operatorname{diag}(1/\alpha^2),
 
-so our default solver is a damped Newton method on :math:`f`, in torch, on the Gramian's device
-(spec §2, "Decision (solver)"). The official concave-convex procedure (cvxpy + ECOS) is kept as
-``solver="cvxpy"`` for reference and tests.
+so our default solver is a damped Newton method on :math:`f`, in torch, on the Gramian's device (see
+docs/methods/aggregators.md, "Nash-MTL"). The official concave-convex procedure (cvxpy + ECOS) is
+kept as ``solver="cvxpy"`` for reference and tests.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ _DIVERGED = 1e12  # a normalised weight above this means the problem is (numeric
 class NashMTL(GramianWeightedAggregator):
     r"""Nash-MTL weights :math:`\alpha` with :math:`\alpha_i (M\alpha)_i = 1`, :math:`M = JJ^\top`.
 
-    Navon et al., ICML 2022, arXiv `2202.01017 <https://arxiv.org/abs/2202.01017>`_ (spec §2).
+    Navon et al., ICML 2022, arXiv `2202.01017 <https://arxiv.org/abs/2202.01017>`_.
     The combined direction is :math:`J^\top\alpha`. It is invariant to the loss scales: replacing
     :math:`L_i` by :math:`c_i L_i` (:math:`c_i > 0`) maps :math:`\alpha_i \mapsto \alpha_i / c_i`
     and leaves the direction unchanged; for orthogonal rows :math:`\alpha_i = 1/\lVert g_i\rVert`.
@@ -219,7 +219,7 @@ class NashMTL(GramianWeightedAggregator):
     # ------------------------------------------------------------------ cvxpy reference
 
     def _cvxpy(self, gram: Tensor, prev: Tensor) -> Tensor:
-        """The official CCP (spec §2, "Official solver") on the CPU; see the class docstring."""
+        """The official concave-convex procedure on the CPU; see the class docstring."""
         cp = _import_cvxpy()
         k = gram.shape[0]
         g = gram.cpu().numpy()

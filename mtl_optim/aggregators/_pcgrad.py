@@ -15,8 +15,8 @@ _REDUCTIONS = get_args(Reduction)
 class PCGrad(Seeded, Aggregator):
     r"""PCGrad: project each task gradient off the gradients it conflicts with.
 
-    Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020,
-    arXiv `2001.06782 <https://arxiv.org/abs/2001.06782>`_ (spec §4).
+    Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020, arXiv `2001.06782
+    <https://arxiv.org/abs/2001.06782>`_ (see docs/methods/aggregators.md, "PCGrad").
 
     For every task :math:`i`, start from :math:`\hat g_i = g_i` and visit the other tasks
     :math:`j` in a random order, drawn independently for each :math:`i`; whenever

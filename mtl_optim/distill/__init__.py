@@ -1,4 +1,6 @@
-"""Distillation from single-task teachers into the multi-task model (spec §12–§14).
+"""Distillation from single-task teachers into the multi-task model.
+
+The methods, their papers and our decisions: docs/methods/distillation.md.
 
 Every module returns the ``(K,)`` per-task distillation terms, to add to the K task losses
 (``opt.backward(torch.stack(losses) + kd(features, x))``); its ``parameters()`` are the

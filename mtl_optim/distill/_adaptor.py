@@ -1,4 +1,4 @@
-r"""Knowledge distillation for MTL with task-specific adaptors (spec §12).
+r"""Knowledge distillation for MTL with task-specific adaptors.
 
 Li & Bilen, *Knowledge Distillation for Multi-task Learning*, ECCV Workshops 2020,
 arXiv `2007.06889 <https://arxiv.org/abs/2007.06889>`_; official code ``VICO-UoE/KD4MTL``.
@@ -232,7 +232,7 @@ def channel_normalize(x: Tensor, eps: float) -> Tensor:
 
 
 class AdaptorDistillation(_TeacherDistillation):
-    r"""Feature distillation from single-task teachers through task-specific adaptors (spec §12).
+    r"""Feature distillation from single-task teachers through task-specific adaptors.
 
     Li & Bilen, *Knowledge Distillation for Multi-task Learning*, ECCV-W 2020,
     arXiv `2007.06889 <https://arxiv.org/abs/2007.06889>`_.
@@ -264,12 +264,13 @@ class AdaptorDistillation(_TeacherDistillation):
     optimizer treats them as task-specific parameters).
 
     The teachers run under ``no_grad`` (their features are also detached when passed in as
-    ``teacher_outputs``), and each is switched to ``teacher_mode`` before it runs. Decisions
-    (spec §12): ``teacher_mode="eval"`` by default; the official code leaves the teachers in
-    train mode (batch statistics, drifting running stats), available as ``"train"``. The
-    defaults :math:`\lambda_t = 1` and :math:`\varepsilon = 10^{-6}` are KD4MTL's (its NYUv2
-    run used :math:`\lambda = (1, 1, 2)` for semantic, depth, normal); its adaptors were trained
-    by a separate Adam (lr 0.1, weight decay 5e-4) while the student used lr 1e-4.
+    ``teacher_outputs``), and each is switched to ``teacher_mode`` before it runs. Decisions (see
+    docs/methods/distillation.md, "Adaptor distillation"): ``teacher_mode="eval"`` by default; the
+    official code leaves the teachers in train mode (batch statistics, drifting running stats),
+    available as ``"train"``. The defaults :math:`\lambda_t = 1` and :math:`\varepsilon = 10^{-6}`
+    are KD4MTL's (its NYUv2 run used :math:`\lambda = (1, 1, 2)` for semantic, depth, normal); its
+    adaptors were trained by a separate Adam (lr 0.1, weight decay 5e-4) while the student used lr
+    1e-4.
 
     Args:
         teachers: one frozen single-task network per task, or ``None`` to pass the teachers'

@@ -1,4 +1,4 @@
-r"""SCD: Sequential Cooperative Distillation (spec §14).
+r"""SCD: Sequential Cooperative Distillation.
 
 Feng, Yao, Xie, Huang & Chen, *Sequential Cooperative Distillation for Imbalanced Multi-Task
 Learning*, J. Comput. Sci. Technol. 39(5):1094–1106, 2024, doi
@@ -65,18 +65,20 @@ def _agglomerate(similarity: Tensor, threshold: float, n_blocks: int | None) -> 
 
 class SequentialCooperativeDistillation(nn.Module):
     r"""SCD: distil single-task teachers into the multi-task student block by block, from the
-    most complex block of similar tasks to the simplest (spec §14).
+    most complex block of similar tasks to the simplest (see
+    docs/methods/distillation.md, "Sequential cooperative distillation").
 
     Feng et al., *Sequential Cooperative Distillation for Imbalanced Multi-Task Learning*,
     JCST 39(5), 2024. The abstract fixes four things: task similarity is measured and similar
     tasks are grouped into **blocks**; the blocks are queued by a task-complexity indicator;
     distillation runs **block by block from complex to simple**; it wraps an existing MTL
-    setup. **Everything else is our design** [unverified, spec §14], chosen as follows.
+    setup. **Everything else is our design** (unverified against the paper), chosen as follows.
 
     1. **Warm-up.** Epochs :math:`[0, s_0)` (``warmup_epochs``) train the plain MTL model, with
        no distillation, while :meth:`observe` measures similarity and complexity.
     2. **Similarity** :math:`S` (``similarity=``), the running mean over every warm-up
-       observation (as TAG averages its affinities, spec §11):
+       observation, as TAG averages its affinities (see docs/methods/grouping.md,
+       "Lookahead affinity"):
 
        * ``"gradient"``: the cosine :math:`\cos(g_i, g_j)` of the per-task gradients of the
          shared parameters, from ``observe(jacobian=J)`` (your ``(K, d)`` rows) or from
@@ -106,7 +108,7 @@ class SequentialCooperativeDistillation(nn.Module):
     6. **Weights.** At epoch :math:`e` in stage :math:`k` the tasks of the :math:`k`-th block
        of the queue have weight 1, blocks later in the queue 0, and a block :math:`j < k`
        whose stage ended at :math:`s_{j+1}` keeps (``decay=``) ``"linear"``:
-       :math:`\max(0, 1 - (e - s_{j+1}) / (E - s_{j+1}))`, the linear annealing of §13
+       :math:`\max(0, 1 - (e - s_{j+1}) / (E - s_{j+1}))`, the linear annealing of URL
        started at the end of its stage; ``"drop"``: 0; ``"keep"``: 1. Task :math:`t`'s term is
        its weight times ``base``'s term :math:`\lambda_t D_t`; teachers of weight-0 tasks do
        not run. The supervised losses are never touched: add the returned ``(K,)`` terms to
@@ -135,7 +137,7 @@ class SequentialCooperativeDistillation(nn.Module):
     :meth:`observe` is a no-op once the schedule is built. :meth:`state_dict` holds the
     adaptors, the epoch, the measurements and the schedule.
 
-    Deviation from spec §14's sketch ``(blocks, order, stage_boundaries,
+    Deviation from our first sketch ``(blocks, order, stage_boundaries,
     base=AdaptorDistillation)``: ``base`` is a built module (it needs teachers and channels),
     and blocks, order and boundaries are optional (measured when not given).
 

@@ -1,4 +1,4 @@
-r"""Universal Representations: distilling single-task teachers into one network (spec §13).
+r"""Universal Representations: distilling single-task teachers into one network.
 
 Li, Liu & Bilen, *Universal Representations: A Unified Look at Multiple Task and Domain
 Learning*, IJCV 2023, arXiv `2204.02744 <https://arxiv.org/abs/2204.02744>`_; official code
@@ -85,7 +85,7 @@ def _nonnegative(name: str, value: float) -> float:
 
 class UniversalRepresentationLoss(_TeacherDistillation):
     r"""Universal Representations (URL): distil K single-task teachers into one student
-    through per-task adaptors (spec §13).
+    through per-task adaptors (see docs/methods/distillation.md, "Universal Representations").
 
     Li, Liu & Bilen, *Universal Representations: A Unified Look at Multiple Task and Domain
     Learning*, IJCV 2023, arXiv `2204.02744 <https://arxiv.org/abs/2204.02744>`_.
@@ -124,13 +124,14 @@ class UniversalRepresentationLoss(_TeacherDistillation):
     :math:`w = 1` (the dense code does not anneal). Call ``loss.step(epoch)`` at the start of
     each epoch; the epoch is in :meth:`state_dict`.
 
-    Official settings: dense NYUv2 :math:`\lambda = (1, 1, 2)`, adaptors 512→64 and 64→64
-    trained by Adam (lr 1e-2, weight decay 5e-4, cosine annealing), the student Adam 1e-4;
-    classification :math:`T = 8`, :math:`\sigma = \beta = 1`, :math:`\lambda` = 10 for
-    ImageNet, 0.1 for Daimler pedestrians and 1 otherwise, annealed over the whole run
-    (:math:`E` = the number of epochs). Decision: ``teacher_mode="eval"`` by default (spec §12);
-    ``"train"`` for parity. The official multi-domain code feeds each task its own batch: call
-    the module once per task with ``tasks=[t]`` and that task's batch, and add the results.
+    Official settings: dense NYUv2 :math:`\lambda = (1, 1, 2)`, adaptors 512→64 and 64→64 trained by
+    Adam (lr 1e-2, weight decay 5e-4, cosine annealing), the student Adam 1e-4; classification
+    :math:`T = 8`, :math:`\sigma = \beta = 1`, :math:`\lambda` = 10 for ImageNet, 0.1 for Daimler
+    pedestrians and 1 otherwise, annealed over the whole run (:math:`E` = the number of epochs).
+    Decision: ``teacher_mode="eval"`` by default (see
+    docs/methods/distillation.md, "Adaptor distillation"); ``"train"`` for parity. The official
+    multi-domain code feeds each task its own batch: call the module once per task with
+    ``tasks=[t]`` and that task's batch, and add the results.
 
     Args:
         teachers: one frozen single-task network per task, or ``None`` (give ``num_tasks`` and

@@ -1,4 +1,4 @@
-r"""TAG: lookahead inter-task affinity, measured alongside an ordinary training loop (spec §11.1).
+r"""TAG: lookahead inter-task affinity, measured alongside an ordinary training loop.
 
 Fifty et al., *Efficiently Identifying Task Groupings for Multi-Task Learning*, NeurIPS 2021,
 arXiv `2109.04617 <https://arxiv.org/abs/2109.04617>`_.
@@ -128,7 +128,7 @@ class TaskAffinity:
             opt.step()
         select_groups(aff.affinity(), n_groups=2)
 
-    Decisions (spec §11.1):
+    Decisions (see docs/methods/grouping.md, "Lookahead affinity"):
 
     * ``virtual_step="optimizer"`` computes :math:`\Delta_i` with the base optimizer's rule:
       SGD (momentum, dampening, Nesterov, weight decay, maximize) from its current momentum
@@ -152,7 +152,7 @@ class TaskAffinity:
       :attr:`history` keeps the per-epoch means (closed by :meth:`end_epoch`). A step with a
       non-finite loss or affinity is left out with a warning.
     * One process only: under ``torch.distributed`` each rank measures on its own batch (the
-      averaging of spec §0.5 is not done here).
+      reduction of docs/design.md, "Distributed training" is not done here).
 
     Args:
         model: the multi-task model.

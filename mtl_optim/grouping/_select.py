@@ -1,4 +1,4 @@
-r"""TAG's grouping search: which networks to train, given the inter-task affinities (spec §11.2).
+r"""TAG's grouping search: which networks to train, given the inter-task affinities.
 
 Fifty et al., *Efficiently Identifying Task Groupings for Multi-Task Learning*, NeurIPS 2021,
 arXiv `2109.04617 <https://arxiv.org/abs/2109.04617>`_; official ``TAG_network_selection``.

@@ -1,7 +1,7 @@
 r"""Fused AdaTask-Adagrad: K per-task sums of squares and the summed step in one pass.
 
-For each column of a param group and each task :math:`i` (spec §1; torch's Adagrad for the
-options), at step :math:`k`:
+For each column of a param group and each task :math:`i` (see
+docs/methods/adatask.md, "Update rules"; torch's Adagrad for the options), at step :math:`k`:
 
 .. math::
     g_i \leftarrow \pm g_i + \tfrac{\lambda}{K}\theta, \quad

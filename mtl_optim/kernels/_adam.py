@@ -1,7 +1,7 @@
 r"""Fused AdaTask-Adam/AdamW: K per-task moment updates and the summed step in one pass.
 
-For each column of a param group and each task :math:`i = 1..K` (spec §1, Yang et al.,
-AAAI 2023, arXiv 2211.15055; torch's Adam for the details):
+For each column of a param group and each task :math:`i = 1..K` (Yang et al., AAAI 2023, arXiv
+2211.15055, see docs/methods/adatask.md, "Update rules"; torch's Adam for the details):
 
 .. math::
     g_i \leftarrow \pm g_i\ (\text{maximize}) + \tfrac{\lambda}{K}\theta\ (\text{L2}), \quad

@@ -1,7 +1,7 @@
 r"""Fused AdaTask-RMSprop: K per-task square averages and the summed step in one pass.
 
-For each column of a param group and each task :math:`i` (spec §1; torch's RMSprop for the
-options):
+For each column of a param group and each task :math:`i` (see
+docs/methods/adatask.md, "Update rules"; torch's RMSprop for the options):
 
 .. math::
     g_i \leftarrow \pm g_i + \tfrac{\lambda}{K}\theta, \quad

@@ -48,15 +48,15 @@ class DBMTL(Weighting):
 
     Defaults (LibMTL): :math:`\beta` = 0.9, :math:`\sigma` (``beta_sigma``) = 0.
 
-    Deviations: the official code computes :math:`\log(L + 10^{-8})` and
-    :math:`a_i = \max_j\lVert\hat g_j\rVert / (\lVert\hat g_i\rVert + 10^{-8})`; we use
-    ``log(max(L, eps))`` (spec §6's decision, ``ValueError`` on a negative loss) and divide
-    exactly (a zero row stays zero), so the result does not depend on the gradients' scale.
-    The average advances once per optimizer step, not per ``backward``: :meth:`observe`
-    computes :math:`\hat g_t` from the committed :math:`\hat g_{t-1}` and the (accumulated) rows,
-    and :meth:`after_step` commits it, so several ``backward`` calls before a ``step`` and
-    skipped non-finite steps do not advance :math:`t`. With ``features=`` the representation must
-    keep its size across batches (LibMTL refuses representation gradients).
+    Deviations: the official code computes :math:`\log(L + 10^{-8})` and :math:`a_i =
+    \max_j\lVert\hat g_j\rVert / (\lVert\hat g_i\rVert + 10^{-8})`; we use ``log(max(L, eps))`` (see
+    docs/methods/weightings.md, "Log losses"; ``ValueError`` on a negative loss) and divide exactly
+    (a zero row stays zero), so the result does not depend on the gradients' scale. The average
+    advances once per optimizer step, not per ``backward``: :meth:`observe` computes :math:`\hat
+    g_t` from the committed :math:`\hat g_{t-1}` and the (accumulated) rows, and :meth:`after_step`
+    commits it, so several ``backward`` calls before a ``step`` and skipped non-finite steps do not
+    advance :math:`t`. With ``features=`` the representation must keep its size across batches
+    (LibMTL refuses representation gradients).
 
     State (:meth:`state_dict`): :math:`\hat g` (``(K, d)``) and :math:`t`.
 

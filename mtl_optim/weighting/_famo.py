@@ -21,7 +21,7 @@ FAMO_EPS = 1e-8
 
 class FAMO(Weighting):
     r"""FAMO (Liu, Liu, Jin, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
-    NeurIPS 2023, arXiv 2306.03792; spec §10).
+    NeurIPS 2023, arXiv 2306.03792).
 
     State: logits :math:`\xi \in \mathbb R^K` (initially 0) and minimum losses :math:`\ell^*`
     (default 0). **Model step** (:meth:`forward`, then the optimizer): with
@@ -51,16 +51,16 @@ class FAMO(Weighting):
     :attr:`weights` are :math:`z` (what the official code logs): the coefficients of the log
     objectives up to the common positive factor :math:`c`.
 
-    Decisions (spec §10): ``gamma`` = 0.001 (the paper and the repository's NYUv2 / QM9 / CelebA
-    runs; Cityscapes used 0.01), ``w_lr`` = 0.025, Adam on :math:`\xi` as the official code,
-    :math:`\epsilon` = 1e-8 added as in the code; a loss with :math:`D_i \le 0` (below its
-    :math:`\ell^*_i`) raises ``ValueError``. A :meth:`post_step` compares with the losses of the
-    last ``backward``; if no optimizer step happened since (a skipped non-finite batch) it
-    warns and leaves :math:`\xi` unchanged; without a ``backward`` since the last weight step it
-    raises ``RuntimeError``. A loop that never calls ``opt.update_weighting`` leaves
-    :math:`\xi = 0` (uniform weights) forever: the second ``step()`` that follows a step with no
-    weight step in between warns once (``UserWarning``, naming the fix); the once-flag is not in
-    the state (a resumed process may warn once more).
+    Decisions (see docs/methods/weightings.md, "FAMO"): ``gamma`` = 0.001 (the paper and the
+    repository's NYUv2 / QM9 / CelebA runs; Cityscapes used 0.01), ``w_lr`` = 0.025, Adam on
+    :math:`\xi` as the official code, :math:`\epsilon` = 1e-8 added as in the code; a loss with
+    :math:`D_i \le 0` (below its :math:`\ell^*_i`) raises ``ValueError``. A :meth:`post_step`
+    compares with the losses of the last ``backward``; if no optimizer step happened since (a
+    skipped non-finite batch) it warns and leaves :math:`\xi` unchanged; without a ``backward``
+    since the last weight step it raises ``RuntimeError``. A loop that never calls
+    ``opt.update_weighting`` leaves :math:`\xi = 0` (uniform weights) forever: the second ``step()``
+    that follows a step with no weight step in between warns once (``UserWarning``, naming the fix);
+    the once-flag is not in the state (a resumed process may warn once more).
 
     State (:meth:`state_dict`): :math:`\xi`, its Adam state, the pending :math:`\log D`.
 

@@ -19,7 +19,7 @@ _INITIAL = get_args(Initial)
 
 class GradNorm(Weighting):
     r"""GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
-    Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv 1711.02257; spec §10).
+    Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv 1711.02257).
 
     The objectives are :math:`o_i = w_i L_i` with learnable weights :math:`w` (constants for the
     model's gradient). The optimizer hands :meth:`observe` the rows :math:`J_i = \nabla(w_i L_i)`

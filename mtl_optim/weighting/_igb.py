@@ -15,7 +15,7 @@ from ._epoch_means import EpochMeans, pop_state
 
 class IGB(Weighting):
     r"""Improvable Gap Balancing, heuristic version (Dai, Fei & Lu, "Improvable Gap Balancing
-    for Multi-Task Learning", UAI 2023, arXiv 2307.15429; spec §6).
+    for Multi-Task Learning", UAI 2023, arXiv 2307.15429).
 
     The base losses :math:`L_{\mathrm{base},i}` are the mean training losses of epoch
     ``base_epoch`` (0-indexed, default 1: the second epoch), set when that epoch ends. Then
@@ -31,8 +31,8 @@ class IGB(Weighting):
     :math:`w = 1`: the "SI" baseline :math:`\sum_i \log L_i`. Combined with an aggregator, the
     vector :math:`(w_i \log L_i)_i` is what it balances (e.g. IGB + Nash-MTL).
 
-    Decisions: ``log(max(L, eps))`` with ``eps`` = 1e-8 and ``ValueError`` on a negative loss
-    (spec §6; the official code has no guard); the ratio divides by
+    Decisions: ``log(max(L, eps))`` with ``eps`` = 1e-8 and ``ValueError`` on a negative loss (see
+    docs/methods/weightings.md, "Log losses"; the official code has no guard); the ratio divides by
     :math:`\max(L_{\mathrm{base}}, \varepsilon)`. The epoch means average the detached losses of
     every call (every ``opt.backward``) in float64, ``opt.end_epoch()`` closes an epoch, and an
     epoch in which the weighting saw no losses is not counted. The epoch means come from the

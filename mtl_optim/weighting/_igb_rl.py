@@ -33,7 +33,8 @@ _STATE_KEYS = (
 class IGBRL(Seeded, Weighting):
     r"""Improvable Gap Balancing, reinforcement-learning version (Dai, Fei & Lu, "Improvable Gap
     Balancing for Multi-Task Learning", UAI 2023, arXiv 2307.15429; official
-    ``ImprovableGapBalancing_v2`` + ``SAC_Agent``; spec §7).
+    ``ImprovableGapBalancing_v2`` + ``SAC_Agent``; see
+    docs/methods/weightings.md, "IGB v2 (IGBRL)").
 
     A soft actor-critic agent (:class:`~mtl_optim.weighting._sac.SAC`) picks the task weights.
     The state is the detached batch losses :math:`s_t = L_t \in R^K` (not normalised), the action
@@ -78,7 +79,7 @@ class IGBRL(Seeded, Weighting):
 
     * the official log-probability subtracts a tanh-squash correction although the squash is
       :math:`K\operatorname{softmax}` (``logprob="tanh_correction"``, default, for parity);
-      ``logprob="gaussian"`` leaves it out (spec §7);
+      ``logprob="gaussian"`` leaves it out;
     * all draws (warm-up weights, actions, minibatches, network init) come from the private
       seeded CPU generator (:class:`~mtl_optim._method.Seeded`), never the global RNG, and the
       whole agent (networks, optimizer states, log α, replay buffer) is in :meth:`state_dict`

@@ -31,11 +31,12 @@ class RLW(Seeded, Weighting):
 
     The weights always sum to the ``scale`` :math:`s`.
 
-    Decisions (spec §8): ``scale`` defaults to 1 as in LibMTL and the Nash-MTL port (IGB's port
-    uses :math:`s = K`, which multiplies the effective learning rate by :math:`K`). The draws come
-    from a private CPU ``torch.Generator`` in float64 (then cast to the losses' dtype and device),
-    so they do not touch the global RNG; ``seed=None`` seeds it nondeterministically. Its state is
-    in :meth:`state_dict`, so a resumed run draws the same weights as an uninterrupted one.
+    Decisions (see docs/methods/weightings.md, "RLW"): ``scale`` defaults to 1 as in LibMTL and the
+    Nash-MTL port (IGB's port uses :math:`s = K`, which multiplies the effective learning rate by
+    :math:`K`). The draws come from a private CPU ``torch.Generator`` in float64 (then cast to the
+    losses' dtype and device), so they do not touch the global RNG; ``seed=None`` seeds it
+    nondeterministically. Its state is in :meth:`state_dict`, so a resumed run draws the same
+    weights as an uninterrupted one.
 
     Args:
         distribution: ``"normal"`` or ``"dirichlet"``.

@@ -122,7 +122,7 @@ class ReplayBuffer:
 
 class SAC:
     r"""Soft actor-critic (Haarnoja et al., "Soft Actor-Critic Algorithms and Applications",
-    arXiv 1812.05905), as in IGB v2's official ``SAC_Agent`` (spec §7), on the CPU in float32.
+    arXiv 1812.05905), as in IGB v2's official ``SAC_Agent``, on the CPU in float32.
 
     With :math:`\alpha = e^{\log\alpha}`, target entropy :math:`\bar{\mathcal H} = -K`, twin
     critics :math:`Q_{1,2}`, their Polyak targets :math:`\bar Q_{1,2}` and a minibatch
@@ -196,7 +196,7 @@ class SAC:
 
         The official code subtracts this correction although its squash is
         :math:`K\operatorname{softmax}`, which is not a bijection (no exact density exists); kept
-        for parity (spec §7). ``"gaussian"`` leaves it out.
+        for parity (see docs/methods/weightings.md, "IGB v2 (IGBRL)"). ``"gaussian"`` leaves it out.
         """
         z = (u - mu) * torch.exp(-log_std)
         logp = (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1, keepdim=True)

@@ -21,9 +21,9 @@ class ScaleInvariant(Weighting):
     constant does not change the update. The reported :attr:`weights` are 1 (the weights of the
     log objectives, as in IGB before its base losses exist).
 
-    Decisions (spec §6): the logarithm is floored at ``eps`` = 1e-8 (losses of exactly 0 would
-    give ``-inf``; below the floor the objective is constant, so the task gets no gradient), and
-    a negative loss raises ``ValueError``.
+    Decisions (see docs/methods/weightings.md, "Log losses"): the logarithm is floored at ``eps`` =
+    1e-8 (losses of exactly 0 would give ``-inf``; below the floor the objective is constant, so the
+    task gets no gradient), and a negative loss raises ``ValueError``.
 
     Args:
         eps: the floor under the losses before the logarithm.

@@ -47,10 +47,10 @@ class STCH(Weighting):
     the mean losses of epoch ``warmup_epoch`` become :math:`\bar L` when it ends
     (``opt.end_epoch()``), and STCH runs from the next epoch on.
 
-    Deviations: the official code computes :math:`\log(L / \bar L + 10^{-20})`; we use
-    ``log(max(L, eps)) - log(max(L̄, eps))`` with ``eps`` = 1e-8 (spec §6's decision for log
-    losses) and raise ``ValueError`` on a negative loss. Epoch means follow the accumulator shared
-    with DWA and IGB (every call, float64, an empty epoch is not counted).
+    Deviations: the official code computes :math:`\log(L / \bar L + 10^{-20})`; we use ``log(max(L,
+    eps)) - log(max(L̄, eps))`` with ``eps`` = 1e-8 (see docs/methods/weightings.md, "Log losses")
+    and raise ``ValueError`` on a negative loss. Epoch means follow the accumulator shared with DWA
+    and IGB (every call, float64, an empty epoch is not counted).
 
     State (:meth:`state_dict`): :math:`\bar L` (:attr:`nadir`, the official name) and the
     epoch accumulator.

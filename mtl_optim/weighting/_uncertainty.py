@@ -104,7 +104,8 @@ class _UncertaintyBase(Weighting):
 
 class Uncertainty(_UncertaintyBase):
     r"""Uncertainty weighting (Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
-    Weigh Losses for Scene Geometry and Semantics", CVPR 2018; spec §9).
+    Weigh Losses for Scene Geometry and Semantics", CVPR 2018; see
+    docs/methods/weightings.md, "Uncertainty weighting").
 
     With one learnable log-variance :math:`s_i = \log \sigma_i^2` per task and a factor
     :math:`k_i` (2 by default),
@@ -176,7 +177,7 @@ class Uncertainty(_UncertaintyBase):
 
 class GroupedUncertainty(_UncertaintyBase):
     r"""Grouped adaptive loss weighting, GALW (Tang et al., "Grouped Adaptive Loss Weighting for
-    Person Search", ACM MM 2022; built from the abstract, no code seen; spec §9).
+    Person Search", ACM MM 2022; built from the abstract, no code seen).
 
     The tasks are partitioned into groups; every group :math:`g` has one learnable log-variance
     :math:`s_g` that all its tasks share. Task :math:`i` in group :math:`g(i)` gets the
@@ -366,7 +367,7 @@ def bounded_rescale(u: Tensor, lo: float, hi: float, total: float) -> Tensor:
 
 class ConstrainedUncertainty(_UncertaintyBase):
     r"""Dynamic constrained uncertainty weighting (after the abstract of "dynamic constrained
-    uncertainty weighting"; no code seen, so the definition below is ours; spec §9).
+    uncertainty weighting"; no code seen, so the definition below is ours).
 
     Three parts: the uncertainty weight :math:`e^{-s_i}/k_i` with learnable :math:`s`, the
     DWA weight :math:`d_i` (:class:`~mtl_optim.weighting.DWA`, from epoch-mean losses:
