@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from .optimizer import MTLOptimizer
+
 from .engine import GroupSlice, gramian
 
-__all__ = ["GradientHook", "GradientInfo"]
+__all__ = ["GradientHook", "GradientInfo", "call_hooks"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,20 @@ class GradientInfo:
 
 #: ``hook(optimizer, info)``, called at the end of every ``backward`` that was not skipped.
 GradientHook = Callable[..., None]
+
+
+def call_hooks(opt: MTLOptimizer, values: Tensor, features: bool) -> None:
+    """Hand every registered gradient hook this ``backward``'s :class:`GradientInfo`."""
+    if not opt._gradient_hooks or opt.guard.skipping:
+        return
+    jacobian = None if features else opt._engine.jacobian
+    info = GradientInfo(
+        losses=values,
+        jacobian=None if jacobian is None else opt._pipeline.unscale(jacobian),
+        weights=opt.last_weights,
+        shared=tuple(opt._engine.shared or ()),
+        slices=tuple(opt._engine.slices),
+        _gramian=opt._pipeline.gram,
+    )
+    for hook, _ in list(opt._gradient_hooks.values()):
+        hook(opt, info)

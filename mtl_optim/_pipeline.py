@@ -23,6 +23,7 @@ no stage calls ``torch.distributed`` itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ._distributed import Replicas
 from ._linalg import gramian
-from .aggregators import WeightedAggregator
+from .aggregators import GramianWeightedAggregator, WeightedAggregator
 from .engine import reachable_params
 
 if TYPE_CHECKING:
@@ -79,6 +80,31 @@ class Pipeline:
             self.jacobian_route(losses, mix, heads_loss)
         else:
             self.sum_route(heads_loss)
+
+    def check_features(self, features: Tensor | Sequence[Tensor], replicas: Replicas) -> list:
+        """``features=`` as a list of tensors in the graph, or a ValueError (nothing moved)."""
+        opt = self._opt
+        features = [features] if isinstance(features, Tensor) else list(features)
+        if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
+            raise ValueError(
+                "features must be the shared representation: tensor(s) inside the autograd "
+                "graph between the shared trunk and the task heads"
+            )
+        if replicas.active and (
+            not (opt.aggregator is None or isinstance(opt.aggregator, GramianWeightedAggregator))
+            or opt._weighting_needs_j
+        ):
+            raise ValueError(
+                "across processes, features= needs an aggregator that depends only on the "
+                "Gramian (each rank's representation holds different samples, so only the "
+                "summed Gramian is global) and a weighting that does not look at gradients"
+            )
+        if opt.per_task_state:
+            raise ValueError(
+                f"{type(opt).__name__} needs per-task gradients of the shared "
+                "parameters; features= is not supported"
+            )
+        return features
 
     # --- stage 1: objectives ----------------------------------------------------------------
     def objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -12,9 +10,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _checkpoint
+from . import _checkpoint, _loop
 from ._distributed import Replicas
-from ._gradient_info import GradientHook, GradientInfo
+from ._extension import Extensible
+from ._gradient_info import GradientHook, call_hooks
 from ._guard import Guard, NonFiniteError
 from ._pipeline import Pipeline
 from ._sharded import make_engine
@@ -23,12 +22,6 @@ from .engine import GroupSlice, as_losses
 from .weighting import Weighting
 
 __all__ = ["MTLOptimizer", "NonFiniteError"]
-
-
-def _needs_closure(base: type[Optimizer]) -> bool:
-    """Does ``base.step`` require a closure (L-BFGS re-evaluates the objective)?"""
-    parameter = inspect.signature(base.step).parameters.get("closure")
-    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 _DELEGATED = ("param_groups", "state", "defaults")
@@ -49,7 +42,7 @@ def _delegate(name: str) -> property:
     return property(get, set_)
 
 
-class MTLOptimizer(Optimizer):
+class MTLOptimizer(Extensible, Optimizer):
     r"""Wrap any ``torch.optim.Optimizer`` so that it trains one model on K task losses.
 
     ``opt.backward(losses)`` replaces ``sum(losses).backward()``:
@@ -112,9 +105,6 @@ class MTLOptimizer(Optimizer):
     param_groups = _delegate("param_groups")
     state = _delegate("state")
     defaults = _delegate("defaults")
-
-    #: True for methods (AdaTask) that keep state per task and so always need ``J``.
-    per_task_state = False
 
     def __init__(
         self,
@@ -221,13 +211,13 @@ class MTLOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
         """Update the parameters with ``base`` (a no-op after a skipped non-finite batch)."""
-        if closure is not None and _needs_closure(self.base_class):
-            return self._step_with_closure(closure)
+        if closure is not None and _loop.needs_closure(self.base_class):
+            return _loop.step_with_closure(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_plain_backward()
+        _loop.check_plain_backward(self)
         if not self.guard.skipping:
             self._clip()
             self.apply_update()
@@ -351,7 +341,7 @@ class MTLOptimizer(Optimizer):
         replicas = self._replicas_()
         self._engine.validate(self, features)
         if features is not None:  # validated before any state moves
-            features = self._check_features(features, replicas)
+            features = self._pipeline.check_features(features, replicas)
         values = torch.stack([loss.detach() for loss in losses])
         replicas.mean_([values])  # every rank weights with the same (whole-batch) losses
         if not self.guard.check([values], "loss"):
@@ -368,52 +358,7 @@ class MTLOptimizer(Optimizer):
             self._scale = scaler.scale(one)
             losses = [scaler.scale(loss) for loss in losses]
         self._pipeline.run(losses, values, features)
-        self._call_gradient_hooks(values, features is not None)
-
-    # --- extension surface: what subclasses (AdaTask, RandomTaskGrouping) override ----------
-    def check_param_group(self, group: dict[str, Any]) -> None:
-        """Reject hyperparameters the method cannot honour (raise ``ValueError``)."""
-
-    def task_objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Pipeline stage 1: ``D = ∂o/∂L`` (or ``None``) and the scalar whose gradient the
-        task-specific parameters receive (see :mod:`mtl_optim._pipeline`)."""
-        return self._pipeline.objectives(losses, values)
-
-    def combine(self, jacobian: Tensor) -> Tensor:
-        """Pipeline stage 4: the shared direction from the ``(K, d)`` gradients (the aggregator's,
-        or their sum), recording task weights through :attr:`guard`."""
-        return self._pipeline.combine(jacobian)
-
-    def shared_update(self, jacobian: Tensor) -> Tensor:
-        """What the shared parameters' ``.grad`` holds after ``backward`` (default:
-        :meth:`combine`; AdaTask also keeps the per-task rows for its update)."""
-        return self.combine(jacobian)
-
-    def apply_update(self) -> None:
-        """Move the parameters (default: the base optimizer's ``step``)."""
-        self._base.step()
-
-    def window_reset(self) -> None:
-        """Called when an accumulation window ends (``step``, ``zero_grad``, a load)."""
-
-    def extra_state(self) -> dict[str, Any]:
-        """Entries a subclass adds to ``state_dict()["mtl"]``."""
-        return {}
-
-    def check_extra_state(self, mtl: dict[str, Any], slices: list[GroupSlice]) -> None:
-        """Validate a checkpoint's subclass entries against the shared layout ``slices``
-        before anything is loaded (raise ``ValueError``)."""
-
-    def load_extra_state(self, mtl: dict[str, Any]) -> None:
-        """Load the entries :meth:`extra_state` wrote."""
-
-    def shared_set_changing(self, shared: set[int]) -> dict[int, int] | None:
-        """Before the engine adopts a new shared set (``id``s of parameters): returns each
-        shared parameter's cohort (see :class:`~mtl_optim.engine.GroupSlice`), or ``None``."""
-        return None
-
-    def shared_set_changed(self) -> None:
-        """After the engine adopted a new shared set."""
+        call_hooks(self, values, features is not None)
 
     # --- internals -------------------------------------------------------------------
     def _new_window(self) -> None:
@@ -421,93 +366,6 @@ class MTLOptimizer(Optimizer):
         self._pipeline.external = None
         self.guard.new_window()
         self.window_reset()
-
-    def _check_features(self, features: Tensor | Sequence[Tensor], replicas: Replicas) -> list:
-        features = [features] if isinstance(features, Tensor) else list(features)
-        if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
-            raise ValueError(
-                "features must be the shared representation: tensor(s) inside the autograd "
-                "graph between the shared trunk and the task heads"
-            )
-        if replicas.active and (
-            not (self.aggregator is None or isinstance(self.aggregator, GramianWeightedAggregator))
-            or self._weighting_needs_j
-        ):
-            raise ValueError(
-                "across processes, features= needs an aggregator that depends only on the "
-                "Gramian (each rank's representation holds different samples, so only the "
-                "summed Gramian is global) and a weighting that does not look at gradients"
-            )
-        if self.per_task_state:
-            raise ValueError(
-                f"{type(self).__name__} needs per-task gradients of the shared "
-                "parameters; features= is not supported"
-            )
-        return features
-
-    @property
-    def _hooks_need_jacobian(self) -> bool:
-        return any(needs for _, needs in self._gradient_hooks.values())
-
-    def _call_gradient_hooks(self, values: Tensor, features: bool) -> None:
-        if not self._gradient_hooks or self.guard.skipping:
-            return
-        jacobian = None if features else self._engine.jacobian
-        info = GradientInfo(
-            losses=values,
-            jacobian=None if jacobian is None else self._pipeline.unscale(jacobian),
-            weights=self.last_weights,
-            shared=tuple(self._engine.shared or ()),
-            slices=tuple(self._engine.slices),
-            _gramian=self._pipeline.gram,
-        )
-        for hook, _ in list(self._gradient_hooks.values()):
-            hook(self, info)
-
-    def _step_with_closure(self, closure: Any) -> Tensor | None:
-        """Bases that re-evaluate the objective inside ``step`` (L-BFGS): the closure must call
-        ``opt.zero_grad()`` and ``opt.backward(losses)`` and return the total loss; every
-        evaluation then gets the method's gradient, clipped as in a plain step."""
-
-        def evaluate() -> Any:
-            self._new_window()
-            with torch.enable_grad():
-                loss = closure()
-            self._check_plain_backward()
-            if self.guard.skipping:
-                raise NonFiniteError(
-                    "non-finite loss or gradient inside an L-BFGS closure: a line search "
-                    "cannot skip an evaluation; fix the batch or lower the learning rate"
-                )
-            self._clip()
-            return loss
-
-        loss = self._base.step(evaluate)
-        if self.weighting is not None:
-            self.weighting.after_step()
-        self._new_window()
-        return loss
-
-    def _check_plain_backward(self) -> None:
-        """``loss.backward(); opt.step()`` with a method set skips the method: say so, once."""
-        if self._backward_calls or self._warned_plain_backward or not self._has_method:
-            # opt.backward since the last zero_grad: a second step() on the same gradients is
-            # torch semantics, not misuse
-            return
-        if any(p.grad is not None for g in self.param_groups for p in g["params"]):
-            self._warned_plain_backward = True
-            warnings.warn(
-                f"{type(self).__name__}.step() found gradients but no opt.backward(losses) call "
-                "since the last step: the multi-task method was not applied (shared parameters "
-                f"{'were not updated' if self.per_task_state else 'got the plain summed gradient'}"
-                "). Call opt.backward(losses) instead of loss.backward()",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    @property
-    def _has_method(self) -> bool:
-        return self.aggregator is not None or self.weighting is not None or self.per_task_state
 
     def _param_layout(self) -> tuple[tuple[tuple[int, bool], ...], ...]:
         """Which tensors each group trains now: re-detection runs when this changes."""
@@ -534,6 +392,10 @@ class MTLOptimizer(Optimizer):
         if self._replicas is None:
             self._replicas = Replicas(self.process_group)
         return self._replicas
+
+    @property
+    def _hooks_need_jacobian(self) -> bool:
+        return any(needs for _, needs in self._gradient_hooks.values())
 
     @property
     def _weighting_needs_j(self) -> bool:
