@@ -40,7 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_optim.adatask import _adagrad, _adam, _rmsprop, chunked_update
+from mtl_optim.adatask.rules import adagrad as _adagrad
+from mtl_optim.adatask.rules import adam as _adam
+from mtl_optim.adatask.rules import chunked_update
+from mtl_optim.adatask.rules import rmsprop as _rmsprop
 from mtl_optim.engine import gramian as engine_gramian
 
 from ._timing import markdown_table, report, time_fns
@@ -222,7 +225,7 @@ def measure_update(
 
 
 def _torch_step(rule: Callable, group: dict, grads: Tensor, params: tuple, state: dict, k: int):
-    """AdaTask's torch path for one group (what ``AdaTask._update`` runs: column chunks)."""
+    """AdaTask's torch path for one group (what ``AdaTask.apply_update`` runs: column chunks)."""
     chunked_update(rule, group, grads, params, state, k)
 
 

@@ -289,10 +289,10 @@ def test_aggregator_rows_feed_each_tasks_own_moments():
     ],
 )
 def test_column_chunks_give_the_same_numbers_as_one_pass(monkeypatch, base, kwargs):
-    import mtl_optim.adatask as adatask
+    import mtl_optim.adatask.rules as rules
 
     def train(chunk):
-        monkeypatch.setattr(adatask, "_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(rules, "CHUNK_ELEMENTS", chunk)
         model = make_model(3)
         opt = mtl_optim.AdaTask(model.parameters(), base=base, lr=1e-2, **kwargs)
         for x, ys in batches(3, 5):

@@ -10,7 +10,7 @@ and moments are float32). Timed, each with CUDA events (median, L2 flushed befor
   read and written: the physical limit;
 * **fused**: :func:`mtl_optim.kernels.adam_update` on the separate tensors (the block-table
   launch) and **fused flat** on views of one buffer (the flat launch);
-* **torch path**: what ``AdaTask(fused=False)`` runs (``mtl_optim.adatask.chunked_update``);
+* **torch path**: what ``AdaTask(fused=False)`` runs (``mtl_optim.adatask.rules.chunked_update``);
 * **Adam(fused) loop**: K ``torch.optim.Adam(fused=True)``, one per task, each stepping the
   same parameters with its task's gradient (what AdaTask computes, without weight decay, in
   K multi-tensor launches; its state has the parameters' dtype);
@@ -32,7 +32,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mtl_optim.adatask import _RULES, chunked_update
+from mtl_optim.adatask.rules import RULES as _RULES
+from mtl_optim.adatask.rules import chunked_update
 
 from ..kernels import _naive
 from ._common import Check, Run, Stat, bench_cuda, bench_host, compare, table, tolerance

@@ -1,54 +1,4 @@
-r"""AdaTask: task-wise adaptive optimizer state (Yang et al., AAAI 2023, arXiv 2211.15055).
-
-For every shared parameter each task ``i`` keeps its own adaptive accumulators, fed only by its
-own gradient :math:`g_i = \nabla_{\theta_s} L_i`; the shared update is the sum of the K
-per-task adaptive steps. Adam:
-
-.. math::
-    m_i \leftarrow \beta_1 m_i + (1-\beta_1) g_i, \qquad
-    v_i \leftarrow \beta_2 v_i + (1-\beta_2) g_i^2, \\
-    \theta_s \leftarrow \theta_s - \sum_i \frac{\eta}{1-\beta_1^k}\,
-        \frac{m_i}{\sqrt{v_i}/\sqrt{1-\beta_2^k} + \epsilon}.
-
-RMSprop: :math:`v_i \leftarrow \rho v_i + (1-\rho) g_i^2`; Adagrad:
-:math:`v_i \leftarrow v_i + g_i^2`; both then
-:math:`\theta_s \leftarrow \theta_s - \eta \sum_i g_i / (\sqrt{v_i} + \epsilon)`.
-Task-specific parameters get the plain base rule on :math:`\nabla \sum_i L_i`.
-
-Our decisions where the official code is silent or wrong (see docs/methods/adatask.md, "Decisions"):
-
-* weight decay is applied once per step: decoupled (AdamW) as :math:`\theta(1-\eta\lambda)`;
-  coupled (L2) as :math:`\lambda\theta/K` added to every task's gradient, so the tasks'
-  L2 terms sum to one :math:`\lambda\theta`;
-* ``amsgrad``, ``maximize``, RMSprop ``momentum``/``centered`` and Adagrad ``lr_decay`` /
-  ``initial_accumulator_value`` are honoured per task; ``capturable`` and ``differentiable``
-  raise;
-* per-group ``lr``, betas and ``eps`` are honoured; a task that does not reach a shared
-  parameter contributes a zero gradient (its moments still decay);
-* no 1/K factor: with K identical tasks the shared step is K Adam steps, as in the paper.
-
-With K = 1 every rule performs exactly torch's single-tensor operations, so AdaTask equals its base
-bit for bit. With an ``aggregator``, task ``i``'s moments receive row ``i`` of
-``aggregator.transform(J)`` (e.g. the PCGrad-projected gradient; see
-docs/methods/adatask.md, "With an aggregator").
-
-``AdaTask(..., fused=...)`` chooses how the shared update runs: ``None`` (default) uses the
-Triton kernels of :mod:`mtl_optim.kernels` (one pass per param group: the K gradients, the
-per-task moments, the summed step and the parameter write) when Triton is installed and the
-shared parameters are float32/bf16/fp16 CUDA tensors, else the vectorised torch rules below;
-``True`` requires the kernels (CUDA, or ``TRITON_INTERPRET=1`` to run them on CPU through
-Triton's interpreter) and raises otherwise; ``False`` always uses torch. Both compute the same
-numbers up to float32 rounding (see :mod:`mtl_optim.kernels`' twins; bf16/fp16 parameters are
-rounded once by the kernels, twice by the torch path). While an observer is attached (e.g.
-:class:`~mtl_optim.diagnostics.TaskDominance`) the torch rules run, since only they form
-the per-task steps. ``fused`` is a property of this optimizer, never handed to the base (torch's
-own Adam ``fused`` flag, per param group, still drives the task-specific parameters' update),
-and not saved in ``state_dict``: a checkpoint written with either path loads into the other.
-
-Per-task state lives in one ``(K, n)`` buffer per key and param group, in J's column order;
-``state_dict()["mtl"]["task_state"]`` holds it per group index, and :meth:`AdaTask.task_state`
-gives the per-parameter views.
-"""
+"""The ``AdaTask`` optimizer class (see :mod:`mtl_optim.adatask` for the math)."""
 
 from __future__ import annotations
 
@@ -60,167 +10,15 @@ import torch
 from torch import Tensor
 from torch.optim import Adagrad, Adam, AdamW, RMSprop
 
-from ._backend import interpreted as _interpreted
-from ._backend import scalar as _scalar
-from ._backend import triton_installed as _triton_installed
-from .aggregators import WeightedAggregator
-from .engine import GroupSlice
-from .optimizer import MTLOptimizer
+from .._backend import interpreted as _interpreted
+from .._backend import triton_installed as _triton_installed
+from ..aggregators import WeightedAggregator
+from ..engine import GroupSlice
+from ..optimizer import MTLOptimizer
+from .rules import RULES, chunked_update
 
 __all__ = ["AdaTask"]
 
-# A rule updates one group's per-task state from its (K, n) gradient rows and returns
-# (per-task steps U, alpha) such that the parameters move by alpha * U.sum(0).
-Rule = Callable[[dict, Tensor, tuple, dict, int], tuple[Tensor, float]]
-
-
-def _flat(params: tuple[Tensor, ...]) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-def _buffer(state: dict, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
-    if isinstance(state, _Columns):
-        return state.buffer(key, like, fill)
-    if key not in state:
-        state[key] = torch.full(like.shape, fill, dtype=like.dtype, device=like.device)
-    return state[key]
-
-
-#: Columns per chunk of the torch path: the ``(K, cols)`` temporaries of a rule stay around
-#: 1 MiB, in cache, instead of ``K × n`` fresh allocations per op (which cost more than the
-#: arithmetic on CPU: ``benchmarks/results/kernels-cpu.md``).
-_CHUNK_ELEMENTS = 2**18
-
-
-class _Columns(dict):
-    """A rule's view of columns ``[a, b)`` of a group's per-task state.
-
-    ``step`` is a private copy (each chunk advances its own; the optimizer advances the real
-    one once); buffers are created full width in the group state and returned as views.
-    """
-
-    def __init__(self, state: dict, a: int, b: int) -> None:
-        super().__init__(step=state["step"].clone())
-        self.parent, self.a, self.b = state, a, b
-
-    def buffer(self, key: str, like: Tensor, fill: float) -> Tensor:
-        if key not in self.parent:
-            n = self.parent["_width"]
-            self.parent[key] = torch.full(
-                (like.shape[0], n), fill, dtype=like.dtype, device=like.device
-            )
-        return self.parent[key][:, self.a : self.b]
-
-
-def _chunks(params: tuple[Tensor, ...], k: int) -> list[tuple[int, int, tuple[Tensor, ...]]]:
-    """Column ranges of about ``_CHUNK_ELEMENTS / K`` columns, with flat views of the
-    parameter elements they cover (parameters must be contiguous)."""
-    size = max(1, _CHUNK_ELEMENTS // max(k, 1))
-    flat = [p.detach().view(-1) for p in params]
-    total = sum(f.numel() for f in flat)
-    out = []
-    for a in range(0, total, size):
-        b = min(a + size, total)
-        views, offset = [], 0
-        for f in flat:
-            lo, hi = max(a, offset), min(b, offset + f.numel())
-            if lo < hi:
-                views.append(f[lo - offset : hi - offset])
-            offset += f.numel()
-        out.append((a, b, tuple(views)))
-    return out
-
-
-def _l2(group: dict, grads: Tensor, params: tuple, k: int) -> Tensor:
-    wd = group["weight_decay"]
-    return grads if wd == 0 else grads.add(_flat(params).to(grads.dtype), alpha=wd / k)
-
-
-def _adam(group: dict, grads: Tensor, params: tuple, state: dict, k: int) -> tuple[Tensor, float]:
-    beta1, beta2 = (_scalar(b) for b in group["betas"])
-    lr, eps, wd = _scalar(group["lr"]), group["eps"], group["weight_decay"]
-    grads = -grads if group["maximize"] else grads
-    step = _scalar(state["step"].add_(1))
-    if wd != 0 and group.get("decoupled_weight_decay", False):
-        torch._foreach_mul_(list(params), 1 - lr * wd)
-    else:
-        grads = _l2(group, grads, params, k)
-    exp_avg = _buffer(state, "exp_avg", grads)
-    exp_avg_sq = _buffer(state, "exp_avg_sq", grads)
-    exp_avg.lerp_(grads, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    if group["amsgrad"]:
-        max_sq = _buffer(state, "max_exp_avg_sq", grads)
-        torch.maximum(max_sq, exp_avg_sq, out=max_sq)
-        exp_avg_sq = max_sq
-    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-    return exp_avg.mul(-step_size).div_(denom), 1.0
-
-
-def _rmsprop(
-    group: dict, grads: Tensor, params: tuple, state: dict, k: int
-) -> tuple[Tensor, float]:
-    alpha, lr, eps = group["alpha"], _scalar(group["lr"]), group["eps"]
-    grads = -grads if group["maximize"] else grads
-    state["step"].add_(1)
-    grads = _l2(group, grads, params, k)
-    square_avg = _buffer(state, "square_avg", grads)
-    square_avg.mul_(alpha).addcmul_(grads, grads, value=1 - alpha)
-    if group["centered"]:
-        grad_avg = _buffer(state, "grad_avg", grads)
-        grad_avg.lerp_(grads, 1 - alpha)
-        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-    else:
-        avg = square_avg.sqrt()
-    avg = avg.add_(eps)
-    if group["momentum"] > 0:
-        buf = _buffer(state, "momentum_buffer", grads)
-        buf.mul_(group["momentum"]).addcdiv_(grads, avg)
-        return buf, -lr
-    return grads.mul(-lr).div_(avg), 1.0
-
-
-def _adagrad(
-    group: dict, grads: Tensor, params: tuple, state: dict, k: int
-) -> tuple[Tensor, float]:
-    lr, eps = _scalar(group["lr"]), group["eps"]
-    step = _scalar(state["step"].add_(1))
-    grads = -grads if group["maximize"] else grads
-    grads = _l2(group, grads, params, k)
-    clr = lr / (1 + (step - 1) * group["lr_decay"])
-    acc = _buffer(state, "sum", grads, group["initial_accumulator_value"])
-    acc.addcmul_(grads, grads, value=1)
-    std = acc.sqrt().add_(eps)
-    return grads.mul(-clr).div_(std), 1.0
-
-
-def chunked_update(
-    rule: Rule, group: dict, grads: Tensor, params: tuple[Tensor, ...], state: dict, k: int
-) -> None:
-    """One torch-path step of a param group, rule applied to cache-sized column chunks.
-
-    Elementwise rules give the same numbers chunk by chunk; ``state["step"]`` advances once.
-    The parameters must be contiguous.
-    """
-    state["_width"] = grads.shape[1]
-    try:
-        with torch.no_grad():
-            for a, b, views in _chunks(params, k):
-                steps, alpha = rule(group, grads[:, a:b], views, _Columns(state, a, b), k)
-                update = steps.sum(0)
-                offsets = [0]
-                for v in views:
-                    offsets.append(offsets[-1] + v.numel())
-                adds = [update[o : o + v.numel()].to(v.dtype) for o, v in zip(offsets, views)]
-                torch._foreach_add_(list(views), adds, alpha=alpha)
-    finally:
-        del state["_width"]
-    state["step"].add_(1)
-
-
-_RULES: dict[type, Rule] = {Adam: _adam, AdamW: _adam, RMSprop: _rmsprop, Adagrad: _adagrad}
 _UNSUPPORTED_FLAGS = ("capturable", "differentiable")
 # the mtl_optim.kernels function that fuses each rule
 _KERNELS = {
@@ -259,14 +57,14 @@ class AdaTask(MTLOptimizer):
         fused: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        if base not in _RULES:
-            names = ", ".join(sorted(b.__name__ for b in _RULES))
+        if base not in RULES:
+            names = ", ".join(sorted(b.__name__ for b in RULES))
             got = getattr(base, "__name__", repr(base))
             raise TypeError(f"AdaTask supports base in {{{names}}}, got {got}")
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
-        self._rule = _RULES[base]
+        self._rule = RULES[base]
         self._kernel = _KERNELS[base]
         # per (group, cohort) of the engine's slices: "step" and (K, n) buffers
         self._task_state: dict[tuple[int, int], dict[str, Tensor]] = {}
