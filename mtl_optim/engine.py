@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import Replicas
+from ._graph import JOIN, as_losses, reachable_params, walk
 from ._linalg import gramian  # re-exported: engine.gramian stays importable
 from ._streamed_gramian import streamed_gramian
 
@@ -49,102 +50,6 @@ class GroupSlice:
         lead = flat.shape[:-1]
         chunks = flat.split([p.numel() for p in self.params], dim=-1)
         return [c.view(*lead, *p.shape) for c, p in zip(chunks, self.params)]
-
-
-def as_losses(
-    losses: Sequence[Tensor] | Tensor, num_tasks: int | None, differentiable: bool = True
-) -> list[Tensor]:
-    """Validate user losses: K scalar, floating, differentiable tensors (K fixed once known).
-
-    ``differentiable=False`` accepts loss values without a graph (re-evaluated losses).
-    """
-    if isinstance(losses, Tensor):
-        if losses.dim() != 1:
-            raise ValueError(
-                f"losses given as a tensor must be 1-D with one entry per task, got shape "
-                f"{tuple(losses.shape)}"
-            )
-        items = list(losses.unbind())
-    elif isinstance(losses, (str, bytes)) or not isinstance(losses, Iterable):
-        raise TypeError(
-            f"losses must be a sequence of scalar tensors or a 1-D tensor, got "
-            f"{type(losses).__name__}"
-        )
-    else:
-        items = list(losses)
-    if not items:
-        raise ValueError("losses is empty: pass one scalar loss per task")
-    for i, loss in enumerate(items):
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"loss {i} is a {type(loss).__name__}, expected a scalar tensor")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss {i} is not a scalar: shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
-            )
-        if not loss.is_floating_point():
-            raise TypeError(f"loss {i} has dtype {loss.dtype}; losses must be floating point")
-        if differentiable and not loss.requires_grad:
-            raise ValueError(
-                f"loss {i} does not require grad: was it computed under torch.no_grad() or "
-                "detached, or does it depend on no parameter?"
-            )
-    if num_tasks is not None and len(items) != num_tasks:
-        raise ValueError(
-            f"got {len(items)} losses but this optimizer was first called with {num_tasks}; "
-            "the number of tasks is fixed after the first backward"
-        )
-    return [loss.reshape(()) for loss in items]
-
-
-def reachable_params(loss: Tensor) -> set[int]:
-    """``id`` of every leaf tensor that ``loss``'s autograd graph reaches."""
-    return {pid for pid in _walk([loss]) if pid != _JOIN}
-
-
-#: Marker yielded by :func:`_walk` when the losses' graphs meet at a node whose backward can
-#: route a loss's gradient to only part of what the node reaches (so reaching is not using).
-_JOIN = -1
-_JOINING_NODES = (
-    "CompiledFunction",
-    "Stack",
-    "Cat",
-    "Unbind",
-    "Select",
-    "Slice",
-    "Index",
-    "Split",
-    "Chunk",
-    "Narrow",
-    "Gather",
-    "Unfold",
-)
-
-
-def _walk(losses: Sequence[Tensor]) -> list[int]:
-    """For each loss, ``id`` of every leaf its graph reaches (one entry per loss and leaf),
-    and :data:`_JOIN` once if two losses' graphs meet at a joining node."""
-    out: list[int] = []
-    owners: dict[int, int] = {}  # node -> the first loss that reached it
-    alive = []  # keeps every node's Python wrapper alive so that ids stay unique
-    joined = False
-    for index, loss in enumerate(losses):
-        seen: set[int] = set()
-        stack = [loss.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            alive.append(node)
-            if not joined and owners.setdefault(id(node), index) != index:
-                joined = type(node).__name__.startswith(_JOINING_NODES)
-            variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-            if variable is not None:
-                out.append(id(variable))
-            stack.extend(nxt for nxt, _ in node.next_functions)
-    if joined:
-        out.append(_JOIN)
-    return out
 
 
 def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor) -> None:
@@ -239,8 +144,8 @@ class TaskGradients:
             return set()
         counts: dict[int, int] = {}
         ambiguous = joined
-        for pid in _walk(losses):
-            if pid == _JOIN:
+        for pid in walk(losses):
+            if pid == JOIN:
                 ambiguous = True
             else:
                 counts[pid] = counts.get(pid, 0) + 1
