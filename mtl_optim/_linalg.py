@@ -17,7 +17,8 @@ TINY = torch.finfo(torch.float64).tiny
 #: Floor under the losses before a logarithm (see docs/methods/weightings.md, "Log losses").
 LOG_EPS = 1e-8
 
-_GRAM_CHUNK = 1 << 22  # elements of J upcast at a time by `gramian`
+_GRAM_CHUNK = 1 << 22  # elements of J upcast at a time by `gramian` on an accelerator
+_GRAM_CHUNK_CPU = 1 << 16  # on the CPU: a 512 KiB float64 block, which stays in cache
 
 
 def gramian(jacobian: Tensor) -> Tensor:
@@ -25,17 +26,27 @@ def gramian(jacobian: Tensor) -> Tensor:
 
     A float32 Gramian can be off by ~1e-7·sqrt(d) of the squared norms, enough to turn nearly
     opposed gradients into a numerically unbounded problem for the solvers; so a non-float64
-    ``J`` is upcast in column chunks of at most ``_GRAM_CHUNK`` elements, bounding the memory.
+    ``J`` is upcast in column chunks, each copied into one reused float64 block whose Gramian
+    is added to the sum. The products of float32 numbers are exact in float64, so only the
+    float64 sums round. On the CPU the block holds ``_GRAM_CHUNK_CPU`` elements and stays in
+    cache: against a fresh multi-megabyte float64 copy per chunk and ``addmm_`` (whose small
+    ``K×K`` output took a slow kernel) this is 3-5x faster for ``d = 10⁶`` (measured in
+    ``benchmarks/vs_torchjd.py``'s MLP cases).
     """
     if jacobian.dtype == torch.float64:
         gram = jacobian @ jacobian.T
     else:
         k, d = jacobian.shape
-        width = max(1, _GRAM_CHUNK // max(k, 1))
+        chunk = _GRAM_CHUNK_CPU if jacobian.device.type == "cpu" else _GRAM_CHUNK
+        width = max(1, min(d, chunk // max(k, 1)))
         gram = torch.zeros(k, k, dtype=torch.float64, device=jacobian.device)
+        part = torch.empty_like(gram)
+        block = torch.empty(k, width, dtype=torch.float64, device=jacobian.device)
         for start in range(0, d, width):
-            chunk = jacobian[:, start : start + width].to(torch.float64)
-            gram.addmm_(chunk, chunk.T)
+            cols = jacobian[:, start : start + width]
+            upcast = block if cols.shape[1] == width else block[:, : cols.shape[1]]
+            upcast.copy_(cols)
+            gram += torch.mm(upcast, upcast.T, out=part)
     return 0.5 * (gram + gram.T)
 
 
