@@ -7,7 +7,7 @@ import os
 
 import torch
 from conftest import batches, make_model
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import mtl_optim
 from mtl_optim import aggregators, weighting
@@ -72,9 +72,17 @@ def part(x, ys, rank: int, world: int):
 
 
 def train(
-    name: str, rank: int = 0, world: int = 1, sharded: bool = False, steps: int = STEPS
+    name: str,
+    rank: int = 0,
+    world: int = 1,
+    sharded: bool = False,
+    steps: int = STEPS,
+    keep: bool = False,
 ) -> list[torch.Tensor]:
-    """Train config ``name`` for ``steps`` steps on this rank's share of every batch."""
+    """Train config ``name`` for ``steps`` steps on this rank's share of every batch.
+
+    ``keep``: the sharded model keeps its unsharded parameters through the K backward passes
+    (``set_reshard_after_backward(False)``) and reshards once after ``opt.backward``."""
     model = make_model(K, seed=0, width=WIDTH, d_out=D_OUT)
     if sharded:
         shard(model)
@@ -82,7 +90,13 @@ def train(
     for x, ys in batches(K, steps, seed=1, d_out=D_OUT):
         x, ys = part(x, ys, rank, world)
         opt.zero_grad()
+        if keep:
+            model.set_reshard_after_backward(False)
         opt.backward(model.losses(x, ys))
+        if keep:
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         opt.step()
     return full(model)
 
@@ -176,6 +190,32 @@ def resume(name: str, rank: int, world: int, path: str) -> dict[str, object]:
     }
 
 
+def resume_on_one_rank(name: str, rank: int, world: int, path: str) -> list | None:
+    """Rank 0 alone (a one-rank mesh) loads the two-rank checkpoint :func:`resume` wrote after
+    3 steps and trains the last 2 steps on the whole batch; ``None`` on the other ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from mtl_optim.fsdp import optimizer_template
+
+    alone = torch.distributed.new_group([0])
+    if rank != 0:
+        return None
+    mesh = DeviceMesh.from_group(alone, "cpu")
+    model = shard(make_model(K, seed=5, width=WIDTH, d_out=D_OUT), mesh=mesh)
+    opt = configs()[name](model.parameters())
+    opt.process_group = alone
+    state = {"model": model.state_dict(), "optim": optimizer_template(opt, path)}
+    dcp.load(state, checkpoint_id=path, process_group=alone)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    for x, ys in batches(K, 5, seed=3, d_out=D_OUT)[3:]:
+        opt.zero_grad()
+        opt.backward(model.losses(x, ys))
+        opt.step()
+    return full(model)
+
+
 def mixed_precision(rank: int, world: int) -> dict[str, object]:
     """AdaTask + UPGrad under MixedPrecisionPolicy(bf16 parameters, fp32 reduce), float32
     master parameters: the per-task gradients of the first step and the parameters after 3
@@ -221,12 +261,16 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[st
     )
     try:
         results: dict[str, object] = {name: train(name, rank, world, True) for name in names}
+        results["keep"] = train("adatask+upgrad", rank, world, True, keep=True)
         results["refusals"] = refusals()
         results["resume"] = {
             name: resume(name, rank, world, os.path.join(out_dir, f"ckpt-{name}"))
             for name in ("adatask+pcgrad", "uncertainty+mgda", "nash")
         }
         results["mixed"] = mixed_precision(rank, world)
+        results["one-rank"] = resume_on_one_rank(
+            "adatask+pcgrad", rank, world, os.path.join(out_dir, "ckpt-adatask+pcgrad")
+        )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.distributed.barrier()  # both ranks leave together: gloo aborts on a lone exit
     finally:

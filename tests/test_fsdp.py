@@ -41,6 +41,13 @@ def test_two_sharded_ranks_equal_one_process_on_the_whole_batch(ranks, name):
     )
 
 
+def test_unsharded_parameters_kept_through_the_k_passes_give_the_same_update(ranks):
+    single = train("adatask+upgrad")
+    for r in range(2):
+        for p, q in zip(ranks[r]["keep"], single):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["adatask+pcgrad", "uncertainty+mgda", "nash"])
 def test_dcp_checkpoint_resumes_bit_identically(ranks, name):
     for r in range(2):
@@ -50,6 +57,12 @@ def test_dcp_checkpoint_resumes_bit_identically(ranks, name):
         saved, loaded = result["state_keys"]
         assert saved == loaded
         assert result["state_equal"]
+
+
+def test_dcp_checkpoint_of_two_ranks_resumes_on_one(ranks):
+    straight, _ = ranks[0]["resume"]["adatask+pcgrad"]["params"]
+    for p, q in zip(straight, ranks[0]["one-rank"]):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize(
