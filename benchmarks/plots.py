@@ -1,5 +1,6 @@
 """PNG plots of a benchmark sweep (matplotlib, Agg backend): validation curves per task, task
-weights over training, and AdaTask's task-dominance heatmap."""
+weights over training, and the imbalance page of one method beside equal weighting
+(:class:`mtl_optim.diagnostics.ImbalanceReport`)."""
 
 from __future__ import annotations
 
@@ -67,20 +68,20 @@ def _weights(data: MTLData, runs: Sequence[RunResult], path: Path) -> Path | Non
     return path
 
 
-def _dominance(data: MTLData, runs: Sequence[RunResult], path: Path) -> Path | None:
-    tracked = [r for r in runs if r.dominance is not None and r.dominance.au is not None]
-    if not tracked:
+def _imbalance(runs: Sequence[RunResult], path: Path, method: str) -> Path | None:
+    reports = {r.method: r.report for r in runs if r.report is not None}
+    if method not in reports:
         return None
-    r = tracked[0]
-    fig = r.dominance.plot(task_names=[t.name for t in data.tasks])
-    fig.axes[0].set_title(f"{METHODS[r.method].label}, seed {r.seed}: task dominance (mean rAU)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    baseline = reports.get("equal") if method != "equal" else None
+    return reports[method].save(path, baseline=baseline)
 
 
-def save_plots(data: MTLData, runs: Sequence[RunResult], folder: Path, stem: str) -> list[Path]:
-    """Write ``<stem>-curves.png``, ``<stem>-weights.png`` and ``<stem>-dominance.png``
-    (the last two when some run has weights / a dominance tracker) under ``folder``."""
+def save_plots(
+    data: MTLData, runs: Sequence[RunResult], folder: Path, stem: str, report: str = "adatask"
+) -> list[Path]:
+    """Write ``<stem>-curves.png``, ``<stem>-weights.png`` and ``<stem>-imbalance.png`` under
+    ``folder``: the weights when some run has them, the imbalance page when the ``report``
+    method's run recorded one (beside equal weighting's, when that was recorded too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +91,7 @@ def save_plots(data: MTLData, runs: Sequence[RunResult], folder: Path, stem: str
     written = [
         _curves(data, runs, folder / f"{stem}-curves.png"),
         _weights(data, runs, folder / f"{stem}-weights.png"),
-        _dominance(data, runs, folder / f"{stem}-dominance.png"),
+        _imbalance(runs, folder / f"{stem}-imbalance.png", report),
     ]
     plt.close("all")
     return [p for p in written if p is not None]

@@ -15,7 +15,10 @@ from .methods import METHODS, STL
 from .metrics import delta_m
 from .train import Config, RunResult
 
-__all__ = ["delta_m_by_run", "results_json", "results_markdown", "write"]
+__all__ = ["delta_m_by_run", "paired_difference", "results_json", "results_markdown", "write"]
+
+# Two-sided 95 % quantiles of Student's t with 1..10 degrees of freedom (beyond: the normal's).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -42,6 +45,26 @@ def delta_m_by_run(data: MTLData, runs: Sequence[RunResult]) -> dict[tuple[str, 
     return {(r.method, r.seed): delta_m(r.test, baseline, directions) for r in runs}
 
 
+def paired_difference(
+    dm: dict[tuple[str, int], float], method: str, reference: str, seeds: Sequence[int]
+) -> tuple[float, float, bool] | None:
+    r"""Seed-paired difference of Δm, ``method`` minus ``reference``: mean, standard deviation
+    and whether it exceeds seed noise by a paired t-test at 5 %,
+    :math:`|\bar d| > t_{0.975, n-1}\, s_d / \sqrt{n}` (both runs of a seed share initial
+    weights and batches, so the seed's luck cancels). ``None`` with fewer than two common
+    seeds."""
+    pairs = [
+        dm[(method, s)] - dm[(reference, s)]
+        for s in seeds
+        if (method, s) in dm and (reference, s) in dm
+    ]
+    if len(pairs) < 2:
+        return None
+    mean, std = _mean_std(pairs)
+    t = _T95[len(pairs) - 2] if len(pairs) - 1 <= len(_T95) else 1.96
+    return mean, std, abs(mean) > t * std / len(pairs) ** 0.5
+
+
 def results_markdown(
     data: MTLData,
     runs: Sequence[RunResult],
@@ -49,15 +72,20 @@ def results_markdown(
     seeds: Sequence[int],
     model: str,
     wall_seconds: float,
+    jobs: int = 1,
+    cpu_seconds: float | None = None,
 ) -> str:
-    """The results table with a header that states the data, the budget and the machine."""
+    """The results table with a header that states the data, the budget and the machine, and
+    (with STL and equal weighting among the runs) each method's Δm against equal weighting,
+    paired by seed, with a mark where the difference exceeds seed noise."""
     methods = list(dict.fromkeys(r.method for r in runs))
     dm = delta_m_by_run(data, runs)
+    compare = bool(dm) and "equal" in methods and len(seeds) > 1
     arrows = ["↑" if t.higher_better else "↓" for t in data.tasks]
     headers = ["method"]
     headers += [f"{t.name} {t.metric} {a}" for t, a in zip(data.tasks, arrows)]
-    headers += ["Δm % ↓", "s / epoch", "peak MB"]
-    rows = []
+    headers += ["Δm % ↓"] + ["Δm − equal (paired)"] * compare + ["s / epoch", "peak MB"]
+    rows, separated, compared = [], [], 0
     for method in methods:
         mine = [r for r in runs if r.method == method]
         row = [METHODS[method].label]
@@ -65,7 +93,18 @@ def results_markdown(
             _cell([r.test[k] for r in mine], _digits(task)) for k, task in enumerate(data.tasks)
         ]
         row.append(_cell([dm[(method, r.seed)] for r in mine], 2) if dm else "n/a (no stl)")
-        row.append(f"{statistics.fmean(r.sec_per_epoch for r in mine):.2f}")
+        if compare:
+            diff = None if method == "equal" else paired_difference(dm, method, "equal", seeds)
+            if diff is None:
+                row.append("—")
+            else:
+                compared += 1
+                mean, std, beyond = diff
+                row.append(f"{mean:+.2f} ± {std:.2f}" + " *" * beyond)
+                if beyond:
+                    separated.append(METHODS[method].label)
+        timed = [r for r in mine if r.report is None] or mine  # the report's hooks cost time
+        row.append(f"{statistics.fmean(r.sec_per_epoch for r in timed):.2f}")
         row.append(f"{max(r.peak_mb for r in mine):.0f}")
         rows.append(row)
     n_train, n_val, n_test = data.sizes
@@ -85,6 +124,17 @@ def results_markdown(
         "",
         markdown_table(headers, rows),
         "",
+    ]
+    if compare:
+        lines += [
+            f"**Separation**: {len(separated)} of {compared} methods differ from equal weighting "
+            "by more than seed noise (`*`: paired t-test over the seeds at 5 %; each seed's two "
+            "runs share initial weights and batches)"
+            + (f": {', '.join(separated)}." if separated else "."),
+            "",
+        ]
+    reported = sorted({METHODS[r.method].label for r in runs if r.report is not None})
+    lines += [
         "s / epoch: training only, evaluation excluded (STL: its K models together). "
         "peak MB: the largest growth of peak memory during a training epoch "
         + (
@@ -92,8 +142,16 @@ def results_markdown(
             if torch.device(cfg.device).type == "cuda"
             else "(resident set, Linux VmHWM)."
         )
-        + " The first AdaTask seed also feeds the TaskDominance diagnostic. "
-        f"Total wall time {wall_seconds:.0f} s.",
+        + (
+            f" The first seed of {' and '.join(reported)} also records an imbalance report "
+            "(per-task gradients at every step); s / epoch leaves those runs out."
+            if reported
+            else ""
+        )
+        + f" Wall time {wall_seconds:.0f} s"
+        + (f" with {jobs} worker processes" if jobs > 1 else "")
+        + ("" if cpu_seconds is None else f", CPU time {cpu_seconds:.0f} s (all processes)")
+        + ", data loading and plots included.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,5 @@
 """The benchmark's training loop: one method, one seed, a fixed budget; and the sweep over
-methods × seeds with a progress bar.
+methods × seeds with a progress bar, in one process or spread over worker processes.
 
 Every run with the same seed starts from the same initial weights (``torch.manual_seed(seed)``
 before the model is built) and sees the same mini-batches in the same order. The reported test
@@ -10,20 +10,25 @@ epoch make the learning curves.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
+import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-
-from mtl_optim.diagnostics import TaskDominance
 
 from .data import MTLData, Split, Task
 from .methods import METHODS, STL, Context, build
 from .metrics import task_loss, task_metric
 from .models import build_model
+
+if TYPE_CHECKING:
+    from mtl_optim.diagnostics import ImbalanceReport
 
 __all__ = ["Config", "PeakMemory", "RunResult", "evaluate", "run", "sweep"]
 
@@ -59,7 +64,7 @@ class RunResult:
     weights: list[list[float]]  # [epoch][task], epoch means of opt.last_weights; [] if none
     sec_per_epoch: float
     peak_mb: float
-    dominance: TaskDominance | None = field(default=None, repr=False)
+    report: ImbalanceReport | None = field(default=None, repr=False)
 
 
 class PeakMemory:
@@ -118,7 +123,7 @@ class _Fit:
     weights: list[list[float]]
     sec_per_epoch: float
     peak_mb: float
-    tracker: TaskDominance | None
+    report: ImbalanceReport | None
 
 
 @torch.no_grad()
@@ -146,7 +151,7 @@ def _fit(
     seed: int,
     cfg: Config,
     on_epoch: Callable[[], None],
-    dominance: bool,
+    report: bool,
 ) -> _Fit:
     """Train one model on the tasks ``task_ids``."""
     device = torch.device(cfg.device)
@@ -157,7 +162,18 @@ def _fit(
     model = build_model(data, cfg.arch, tasks).to(device)
     steps = -(-len(train) // cfg.batch_size)
     opt = build(method, model.parameters(), Context(len(tasks), seed, cfg.lr, steps))
-    tracker = TaskDominance(opt, names=model.named_parameters()) if dominance else None
+    if report:
+        from mtl_optim.diagnostics import ImbalanceReport
+    imbalance = (
+        ImbalanceReport(
+            opt,
+            names=model.named_parameters(),
+            task_names=[t.name for t in tasks],
+            label=f"{METHODS[method].label}, seed {seed}",
+        )
+        if report
+        else None
+    )
     reevaluate = METHODS[method].reevaluate
     order = torch.Generator().manual_seed(seed)
 
@@ -190,7 +206,9 @@ def _fit(
             weights.append((weight_sum / counted).cpu().tolist())
         curves.append(evaluate(model, val, tasks, cfg.eval_batch))
         on_epoch()
-    return _Fit(model, curves, weights, seconds / cfg.epochs, peak, tracker)
+    if imbalance is not None:
+        imbalance.detach()
+    return _Fit(model, curves, weights, seconds / cfg.epochs, peak, imbalance)
 
 
 def run(
@@ -199,23 +217,26 @@ def run(
     seed: int,
     cfg: Config,
     on_epoch: Callable[[], None] = lambda: None,
-    dominance: bool = False,
+    report: bool = False,
 ) -> RunResult:
     """Train ``method`` with ``seed`` on ``data`` (already on ``cfg.device``) and test it.
 
     ``method="stl"`` trains one single-task model per task; its time per epoch is that of all
-    K models, its memory the largest of them. ``dominance=True`` attaches a
-    :class:`~mtl_optim.diagnostics.TaskDominance` tracker (AdaTask, or Adam with ``Sum``).
+    K models, its memory the largest of them. ``report=True`` records an
+    :class:`~mtl_optim.diagnostics.ImbalanceReport` of the run (not for STL); it makes the
+    optimizer form per-task gradients, which a method without an aggregator otherwise skips.
     """
+    if report and method == STL:
+        raise ValueError("an imbalance report needs a multi-task run, not stl")
     k = len(data.tasks)
     groups = [[i] for i in range(k)] if method == STL else [list(range(k))]
     test = [float("nan")] * k
     curves = [[float("nan")] * k for _ in range(cfg.epochs)]
     weights: list[list[float]] = []
-    seconds, peak, tracker = 0.0, 0.0, None
+    seconds, peak, imbalance = 0.0, 0.0, None
     for ids in groups:
-        fit = _fit(data, ids, method, seed, cfg, on_epoch, dominance)
-        seconds, peak, tracker = seconds + fit.sec_per_epoch, max(peak, fit.peak_mb), fit.tracker
+        fit = _fit(data, ids, method, seed, cfg, on_epoch, report)
+        seconds, peak, imbalance = seconds + fit.sec_per_epoch, max(peak, fit.peak_mb), fit.report
         tasks = [data.tasks[i] for i in ids]
         split = Split(data.test.x, [data.test.ys[i] for i in ids])
         for i, value in zip(ids, evaluate(fit.model, split, tasks, cfg.eval_batch)):
@@ -225,7 +246,31 @@ def run(
                 curves[epoch][i] = value
         if method != STL:
             weights = fit.weights
-    return RunResult(method, seed, test, curves, weights, seconds, peak, tracker)
+    return RunResult(method, seed, test, curves, weights, seconds, peak, imbalance)
+
+
+def _warm_up(data: MTLData, methods: Sequence[str], seed: int, cfg: Config) -> None:
+    """One unmeasured epoch of every method on two batches, so that one-time costs (lazy
+    library loading, first kernel calls) do not land on the first measured run."""
+    tiny = data.head(2 * cfg.batch_size, 64)
+    for method in methods:
+        run(tiny, method, seed, replace(cfg, epochs=1))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(
+    data: MTLData, methods: Sequence[str], seed: int, cfg: Config, ticks: Any, threads: int
+) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(data=data, ticks=ticks)
+    _warm_up(data, methods, seed, cfg)
+
+
+def _worker_run(method: str, seed: int, cfg: Config, report: bool) -> RunResult:
+    ticks = _WORKER["ticks"]
+    return run(_WORKER["data"], method, seed, cfg, lambda: ticks.put(1), report)
 
 
 def sweep(
@@ -235,28 +280,56 @@ def sweep(
     cfg: Config,
     progress: bool = True,
     label: str | None = None,
+    jobs: int = 1,
+    reports: Collection[str] = (),
 ) -> list[RunResult]:
     """Every method with every seed, under one progress bar (one tick per epoch, with ETA).
 
-    First every method runs one epoch on two batches, unmeasured, so that one-time costs (lazy
-    library loading, first kernel calls) do not land on the first measured run. The first
-    AdaTask run also records task dominance for the heatmap.
+    Each process first warms up (:func:`_warm_up`). ``jobs > 1`` runs that many worker
+    processes (CPU only, each with this process's ``torch.get_num_threads()``); every run is
+    deterministic in its seed, so the results equal those of ``jobs=1``. The first seed of each
+    method in ``reports`` also records an :class:`~mtl_optim.diagnostics.ImbalanceReport`.
+    Results come in the order methods × seeds.
     """
     from tqdm.auto import tqdm
 
-    tiny = data.head(2 * cfg.batch_size, 64)
-    for method in methods:
-        run(tiny, method, seeds[0], replace(cfg, epochs=1))
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if jobs > 1 and torch.device(cfg.device).type != "cpu":
+        raise ValueError(f"jobs > 1 runs CPU worker processes; use jobs=1 on {cfg.device}")
     k = len(data.tasks)
-    total = sum(cfg.epochs * len(seeds) * (k if m == STL else 1) for m in methods)
-    results = []
+    plan = [(m, s, m in reports and m != STL and s == seeds[0]) for m in methods for s in seeds]
+    total = sum(cfg.epochs * (k if m == STL else 1) for m, _, _ in plan)
     bar = tqdm(total=total, desc=label, unit="epoch", disable=not progress, dynamic_ncols=True)
-    with bar:
-        for method in methods:
-            for seed in seeds:
+    if jobs == 1:
+        _warm_up(data, methods, seeds[0], cfg)
+        results = []
+        with bar:
+            for method, seed, report in plan:
                 bar.set_postfix_str(f"{method} seed {seed}")
-                first_adatask = method == "adatask" and seed == seeds[0]
-                results.append(
-                    run(data, method, seed, cfg, lambda: bar.update(1), dominance=first_adatask)
-                )
-    return results
+                results.append(run(data, method, seed, cfg, lambda: bar.update(1), report))
+        return results
+    methods_ = multiprocessing.get_all_start_methods()
+    # fork shares the data with the workers for free (as DataLoader's workers do on Linux)
+    ctx = multiprocessing.get_context("fork" if "fork" in methods_ else "spawn")
+    ticks = ctx.Queue()
+    init = (data, list(methods), seeds[0], cfg, ticks, torch.get_num_threads())
+    with (
+        futures.ProcessPoolExecutor(jobs, ctx, initializer=_start_worker, initargs=init) as pool,
+        bar,
+    ):
+        # STL (K models per run) first: the longest runs start early, the pool ends balanced
+        order = sorted(range(len(plan)), key=lambda i: plan[i][0] != STL)
+        pending = {pool.submit(_worker_run, *plan[i][:2], cfg, plan[i][2]): i for i in order}
+        results: list[RunResult | None] = [None] * len(plan)
+        while pending:
+            done, _ = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                results[pending.pop(future)] = future.result()
+            while True:
+                try:
+                    bar.update(ticks.get_nowait())
+                except queue.Empty:
+                    break
+            bar.set_postfix_str(f"{len(plan) - len(pending)}/{len(plan)} runs")
+    return results  # type: ignore[return-value]

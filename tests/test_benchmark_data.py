@@ -17,12 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import data as bdata
-from benchmarks.__main__ import main
+from benchmarks.__main__ import OUT, _parser, main
 from benchmarks.data import MissingPackageError, Task, census, multidigits, multimnist, overlay
 from benchmarks.methods import METHODS, STL, Context, build, unavailable
 from benchmarks.metrics import accuracy, auc, delta_m, task_metric
 from benchmarks.models import MLP, MTAN, LeNet, build_model
-from benchmarks.report import delta_m_by_run, results_markdown
+from benchmarks.report import delta_m_by_run, paired_difference, results_markdown
 from benchmarks.train import Config, PeakMemory, run, sweep
 from mtl_optim import MTLOptimizer
 
@@ -320,10 +320,40 @@ def test_training_lowers_the_error_and_stl_is_the_baseline(loaded):
 def test_same_seed_same_run(loaded):
     d = loaded["digits"].head(64, 32)
     cfg = Config(epochs=1, batch_size=16, lr=1e-3)
-    first, again = run(d, "adatask", 5, cfg, dominance=True), run(d, "adatask", 5, cfg)
+    first, again = run(d, "adatask", 5, cfg, report=True), run(d, "adatask", 5, cfg)
     assert first.test == again.test and first.val_curves == again.val_curves
-    assert first.dominance is not None and first.dominance.au is not None
-    assert again.dominance is None
+    assert first.report is not None and first.report.steps == 4  # 64 rows, batches of 16
+    assert first.report.optimizer is None and first.report.dominance() is not None  # detached
+    assert again.report is None
+    with pytest.raises(ValueError, match="multi-task run, not stl"):
+        run(d, STL, 5, cfg, report=True)
+
+
+def test_worker_processes_give_the_serial_results_and_the_reports(loaded):
+    d = loaded["digits"].head(96, 32)
+    cfg = Config(epochs=1, batch_size=32, lr=1e-3)
+    args = (d, [STL, "equal", "adatask"], [0, 1], cfg)
+    serial = sweep(*args, progress=False, reports={"equal", "adatask"})
+    parallel = sweep(*args, progress=False, jobs=2, reports={"equal", "adatask"})
+    assert [(r.method, r.seed) for r in parallel] == [(r.method, r.seed) for r in serial]
+    for a, b in zip(serial, parallel):
+        assert a.test == b.test and a.val_curves == b.val_curves and a.weights == b.weights
+        assert (a.report is None) == (b.report is None) == (a.method == STL or a.seed == 1)
+        if a.report is not None:  # pickled back from the worker
+            torch.testing.assert_close(a.report.gramians, b.report.gramians, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="jobs=1 on meta"):
+        sweep(d, ["equal"], [0], Config(1, 32, 1e-3, device="meta"), jobs=2)
+
+
+def test_paired_difference_against_hand_computed_t_test():
+    dm = {("a", 0): 1.0, ("a", 1): 2.0, ("a", 2): 3.0, ("b", 0): 0.0, ("b", 1): 0.5}
+    dm[("b", 2)] = 1.5  # differences 1.0, 1.5, 1.5: mean 4/3, std sqrt(1/12)
+    mean, std, beyond = paired_difference(dm, "a", "b", [0, 1, 2])
+    assert mean == pytest.approx(4 / 3) and std == pytest.approx((1 / 12) ** 0.5)
+    assert beyond  # 4/3 > 4.303 * 0.2887 / sqrt(3) = 0.717
+    dm[("b", 2)] = 3.0  # differences 1.0, 1.5, 0.0: mean 0.833, std 0.764 -> within noise
+    assert not paired_difference(dm, "a", "b", [0, 1, 2])[2]
+    assert paired_difference(dm, "a", "b", [0]) is None
 
 
 def test_cli_writes_the_table_and_the_json(tmp_path):
@@ -339,3 +369,15 @@ def test_cli_writes_the_table_and_the_json(tmp_path):
     assert payload["runs"][0]["delta_m"] == pytest.approx(0.0)
     with pytest.raises(SystemExit, match="unknown method"):
         main(["--quick", "--methods", "sgd", "--no-progress", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--report must be 'none' or one of"):
+        main(["--quick", "--report", "stl", "--no-progress", "--out", str(tmp_path)])
+
+
+def test_cli_defaults_write_outside_the_tracked_results():
+    args = _parser().parse_args([])
+    assert args.out == OUT == Path(bdata.__file__).parent / "out"
+    assert args.dataset == "all" and not args.full and not args.quick and args.report == "adatask"
+    ignored = (Path(bdata.__file__).parents[1] / ".gitignore").read_text().splitlines()
+    assert "benchmarks/out/" in ignored
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--full", "--quick"])  # mutually exclusive
