@@ -11,13 +11,10 @@ of state is put back as it was.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._host import Host
 from ._method import clone_state
-from .engine import TaskGradients
-
-if TYPE_CHECKING:
-    from .optimizer import MTLOptimizer
 
 __all__ = ["identity", "load", "save"]
 
@@ -37,7 +34,7 @@ def identity(obj: Any) -> str | None:
     return (obj if isinstance(obj, type) else type(obj)).__qualname__
 
 
-def _identities(opt: MTLOptimizer) -> dict[str, str | None]:
+def _identities(opt: Host) -> dict[str, str | None]:
     return {
         "base": identity(opt.base_class),
         "optimizer": identity(type(opt)),
@@ -46,7 +43,7 @@ def _identities(opt: MTLOptimizer) -> dict[str, str | None]:
     }
 
 
-def save(opt: MTLOptimizer, base_state: dict[str, Any]) -> dict[str, Any]:
+def save(opt: Host, base_state: dict[str, Any]) -> dict[str, Any]:
     """``base_state`` (the base optimizer's ``state_dict``) with the ``"mtl"`` entry added."""
     engine = opt._engine
     base_state["mtl"] = {
@@ -58,15 +55,17 @@ def save(opt: MTLOptimizer, base_state: dict[str, Any]) -> dict[str, Any]:
         "weighting": None if opt.weighting is None else opt.weighting.state_dict(),
         **opt.extra_state(),
     }
+    base_state["mtl"] = engine.to_checkpoint(base_state["mtl"], opt.param_groups)
     return base_state
 
 
-def load(opt: MTLOptimizer, state_dict: dict[str, Any]) -> None:
+def load(opt: Host, state_dict: dict[str, Any]) -> None:
     """Load ``state_dict`` into ``opt`` atomically (see the module docstring)."""
     state_dict = dict(state_dict)
     mtl = state_dict.pop("mtl", None)
     if mtl is None:
         raise ValueError("not an MTLOptimizer state_dict: the 'mtl' entry is missing")
+    mtl = opt._engine.from_checkpoint(mtl, opt.param_groups)  # sharded: DTensors to local
     _check(opt, state_dict, mtl)
     engine = opt._engine
     before = (
@@ -91,7 +90,7 @@ def load(opt: MTLOptimizer, state_dict: dict[str, Any]) -> None:
         raise
 
 
-def _check(opt: MTLOptimizer, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
+def _check(opt: Host, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
     """Refuse a checkpoint that does not fit, naming what differs (nothing changes)."""
     for key, value in _identities(opt).items():
         if key in mtl and mtl[key] != value:
@@ -117,19 +116,19 @@ def _check(opt: MTLOptimizer, state_dict: dict[str, Any], mtl: dict[str, Any]) -
         flat = [p for g in opt.param_groups for p in g["params"]]
         if max(mtl["shared"], default=-1) >= len(flat):
             raise ValueError("this checkpoint names shared parameters this optimizer lacks")
-        probe = TaskGradients()  # only the column layout is needed
+        probe = type(opt._engine)()  # only the column layout (local under FSDP2) is needed
         shared = {id(flat[i]) for i in mtl["shared"]}
         probe.set_shared(opt.param_groups, shared, _cohorts(opt, mtl))
         opt.check_extra_state(mtl, probe.slices)
 
 
-def _cohorts(opt: MTLOptimizer, mtl: dict[str, Any]) -> dict[int, int]:
+def _cohorts(opt: Host, mtl: dict[str, Any]) -> dict[int, int]:
     flat = [p for g in opt.param_groups for p in g["params"]]
     cohorts = mtl.get("cohorts") or [0] * len(mtl["shared"])
     return {id(flat[i]): c for i, c in zip(mtl["shared"], cohorts)}
 
 
-def _load(opt: MTLOptimizer, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
+def _load(opt: Host, state_dict: dict[str, Any], mtl: dict[str, Any]) -> None:
     opt._base.load_state_dict(state_dict)
     if mtl["shared"] is not None:
         flat = [p for g in opt.param_groups for p in g["params"]]

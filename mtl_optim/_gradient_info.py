@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .optimizer import MTLOptimizer
-
+from ._host import Host
 from .engine import GroupSlice, gramian
 
 __all__ = ["GradientHook", "GradientInfo", "call_hooks"]
@@ -57,7 +54,7 @@ class GradientInfo:
 GradientHook = Callable[..., None]
 
 
-def call_hooks(opt: MTLOptimizer, values: Tensor, features: bool) -> None:
+def call_hooks(opt: Host, values: Tensor, features: bool) -> None:
     """Hand every registered gradient hook this ``backward``'s :class:`GradientInfo`."""
     if not opt._gradient_hooks or opt.guard.skipping:
         return

@@ -12,15 +12,13 @@ not use.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._host import Host
 from ._method import clone_state
-
-if TYPE_CHECKING:
-    from .optimizer import MTLOptimizer
 
 __all__ = ["Guard", "NonFiniteError"]
 
@@ -32,7 +30,7 @@ class NonFiniteError(ValueError, FloatingPointError):
 class Guard:
     """Skip state, window snapshots, rollback and ``last_weights`` of one optimizer."""
 
-    def __init__(self, optimizer: MTLOptimizer) -> None:
+    def __init__(self, optimizer: Host) -> None:
         self._opt = optimizer
         self.skipping = False
         self.last_weights: Tensor | None = None
@@ -71,7 +69,7 @@ class Guard:
         agg_state, gen_state, _ = self._window
         if agg_state is not None:
             agg.load_state_dict(clone_state(agg_state))
-        if gen_state is not None:
+        if gen_state is not None and generator is not None:
             generator.set_state(gen_state)
 
     def rollback(self) -> None:

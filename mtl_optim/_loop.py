@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ._guard import NonFiniteError
-
-if TYPE_CHECKING:
-    from .optimizer import MTLOptimizer
+from ._host import Host
 
 __all__ = ["check_plain_backward", "needs_closure", "step_with_closure"]
 
@@ -24,7 +22,7 @@ def needs_closure(base: type[Optimizer]) -> bool:
     return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
-def step_with_closure(opt: MTLOptimizer, closure: Any) -> Tensor | None:
+def step_with_closure(opt: Host, closure: Any) -> Tensor | None:
     """Bases that re-evaluate the objective inside ``step`` (L-BFGS): the closure must call
     ``opt.zero_grad()`` and ``opt.backward(losses)`` and return the total loss; every
     evaluation then gets the method's gradient, clipped as in a plain step."""
@@ -49,7 +47,7 @@ def step_with_closure(opt: MTLOptimizer, closure: Any) -> Tensor | None:
     return loss
 
 
-def check_plain_backward(opt: MTLOptimizer) -> None:
+def check_plain_backward(opt: Host) -> None:
     """``loss.backward(); opt.step()`` with a method set skips the method: say so, once."""
     if opt._backward_calls or opt._warned_plain_backward or not has_method(opt):
         # opt.backward since the last zero_grad: a second step() on the same gradients is
@@ -67,6 +65,6 @@ def check_plain_backward(opt: MTLOptimizer) -> None:
         )
 
 
-def has_method(opt: MTLOptimizer) -> bool:
+def has_method(opt: Host) -> bool:
     """Is a multi-task method set (so that a plain ``loss.backward()`` would bypass it)?"""
     return opt.aggregator is not None or opt.weighting is not None or opt.per_task_state

@@ -24,18 +24,15 @@ no stage calls ``torch.distributed`` itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ._distributed import Replicas
+from ._host import Host
 from ._linalg import gramian
 from .aggregators import GramianWeightedAggregator, WeightedAggregator
 from .engine import reachable_params
-
-if TYPE_CHECKING:
-    from .optimizer import MTLOptimizer
 
 __all__ = ["Pipeline"]
 
@@ -43,7 +40,7 @@ __all__ = ["Pipeline"]
 class Pipeline:
     """The stages of one ``backward`` for one optimizer (see the module docstring)."""
 
-    def __init__(self, optimizer: MTLOptimizer) -> None:
+    def __init__(self, optimizer: Host) -> None:
         self._opt = optimizer
         self.gram: Tensor | None = None  # the Gramian route's last Gramian, for hooks
         self._upstream: set[int] | None = None  # params above `features`, found on first use
@@ -296,8 +293,9 @@ class Pipeline:
         params = opt.weighting.parameters() if opt._scale is not None else []
         before = [None if p.grad is None else p.grad.clone() for p in params]
         out = opt.weighting.observe(jacobian)
+        scale = opt._scale
         for p, old in zip(params, before):
-            if p.grad is not None:
+            if p.grad is not None and scale is not None:
                 new = p.grad if old is None else p.grad - old
-                p.grad = (0 if old is None else old) + new * opt._scale.to(new.dtype)
+                p.grad = (0 if old is None else old) + new * scale.to(new.dtype)
         return out

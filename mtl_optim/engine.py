@@ -257,25 +257,27 @@ class TaskGradients:
         return self._jacobian
 
     def _loop(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
+        shared = self.shared or []
         last = len(losses) - 1
         for i, loss in enumerate(losses):
             grads = torch.autograd.grad(
-                loss, self.shared, retain_graph=retain_graph or i < last, allow_unused=True
+                loss, shared, retain_graph=retain_graph or i < last, allow_unused=True
             )
-            _flat_grads(grads, self.shared, out[i])
+            _flat_grads(grads, shared, out[i])
 
     def _batched(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
         stacked = torch.stack(list(losses))
         eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+        shared = self.shared or []
         grads = torch.autograd.grad(
             stacked,
-            self.shared,
+            shared,
             grad_outputs=eye,
             retain_graph=retain_graph,
             allow_unused=True,
             is_grads_batched=True,
         )
-        _flat_grads(grads, self.shared, out)
+        _flat_grads(grads, shared, out)
 
     def _reduce(self, jacobian: Tensor) -> None:
         """Average per-task gradients across processes: one all-reduce of the ``(K, d)`` block

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _checkpoint, _loop
+from ._checkpoint import load as _load_checkpoint
+from ._checkpoint import save as _save_checkpoint
 from ._distributed import Replicas
 from ._extension import Extensible
 from ._gradient_info import GradientHook, call_hooks
 from ._guard import Guard, NonFiniteError
+from ._loop import check_plain_backward, needs_closure, step_with_closure
 from ._pipeline import Pipeline
 from ._sharded import make_engine
 from .aggregators import Aggregator, GramianWeightedAggregator
@@ -196,7 +198,7 @@ class MTLOptimizer(Extensible, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's ``state_dict`` plus an ``"mtl"`` entry: the identities of the
         base and the methods (checked on load), K, the shared set, and the methods' state."""
-        return _checkpoint.save(self, super().state_dict())
+        return _save_checkpoint(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of the same optimizer, atomically.
@@ -206,18 +208,18 @@ class MTLOptimizer(Extensible, Optimizer):
         per-task state's shapes — and if loading a method's state still fails, the base
         optimizer's and every method's state are put back as they were before the call.
         """
-        _checkpoint.load(self, state_dict)
+        _load_checkpoint(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
         """Update the parameters with ``base`` (a no-op after a skipped non-finite batch)."""
-        if closure is not None and _loop.needs_closure(self.base_class):
-            return _loop.step_with_closure(self, closure)
+        if closure is not None and needs_closure(self.base_class):
+            return step_with_closure(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _loop.check_plain_backward(self)
+        check_plain_backward(self)
         if not self.guard.skipping:
             self._clip()
             self.apply_update()
@@ -258,8 +260,8 @@ class MTLOptimizer(Extensible, Optimizer):
     @property
     def max_norm(self) -> float | None:
         """The norm the shared gradient is clipped to before each step (aggregator or weighting)."""
-        norms = [m.max_norm for m in (self.aggregator, self.weighting) if m is not None]
-        norms = [n for n in norms if n is not None]
+        methods = (self.aggregator, self.weighting)
+        norms = [float(m.max_norm) for m in methods if m is not None and m.max_norm is not None]
         return min(norms) if norms else None
 
     def register_gradient_hook(
@@ -404,4 +406,4 @@ class MTLOptimizer(Extensible, Optimizer):
     def _clip(self) -> None:
         max_norm = self.max_norm
         if max_norm is not None and self._engine.ready:
-            torch.nn.utils.clip_grad_norm_(self._engine.shared, max_norm)
+            torch.nn.utils.clip_grad_norm_(self._engine.shared or [], max_norm)

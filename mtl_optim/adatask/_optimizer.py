@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -30,11 +29,17 @@ _KERNELS = {
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _kernels() -> ModuleType:
-    """:mod:`mtl_optim.kernels`, imported on first use (Triton is an optional dependency)."""
-    from mtl_optim import kernels
+def _kernel(name: str) -> Callable[..., None]:
+    """A fused update of :mod:`mtl_optim.kernels`, imported on first use (Triton is an
+    optional dependency)."""
+    from ..kernels import adagrad_update, adam_update, rmsprop_update
 
-    return kernels
+    kernels = {
+        "adam_update": adam_update,
+        "rmsprop_update": rmsprop_update,
+        "adagrad_update": adagrad_update,
+    }
+    return kernels[name]
 
 
 class AdaTask(MTLOptimizer):
@@ -182,15 +187,14 @@ class AdaTask(MTLOptimizer):
                 pieces.append(src)
             if all(piece is None for piece in pieces):
                 continue  # newcomers only: state starts fresh at the first step
-            steps = {float(piece["step"]) for piece in pieces if piece is not None}
-            if None in pieces or len(steps) > 1:
+            kept = [piece for piece in pieces if piece is not None]
+            if len(kept) < len(pieces) or len({float(piece["step"]) for piece in kept}) > 1:
                 raise RuntimeError("internal error: a cohort mixes parameters of different ages")
-            first = next(piece for piece in pieces if piece is not None)
             rebuilt[(s.group, s.cohort)] = {
-                key: first["step"].clone()
+                key: kept[0]["step"].clone()
                 if key == "step"
-                else torch.cat([piece[key] for piece in pieces], dim=1)
-                for key in first
+                else torch.cat([piece[key] for piece in kept], dim=1)
+                for key in kept[0]
             }
         self._task_state = rebuilt
         self._relayout = {}
@@ -217,7 +221,7 @@ class AdaTask(MTLOptimizer):
             )
             grads = rows[:, s.start : s.stop]
             if self._fused_for(s, grads):
-                getattr(_kernels(), self._kernel)(group, grads, s.params, state)
+                _kernel(self._kernel)(group, grads, s.params, state)
                 continue
             if self._observers or not all(p.is_contiguous() for p in s.params):
                 steps, alpha = self._rule(group, grads, s.params, state, k)
@@ -240,6 +244,7 @@ class AdaTask(MTLOptimizer):
                 if p is param:
                     state = self._task_state.get((s.group, s.cohort), {})
                     k, n = self._engine.num_tasks, p.numel()
+                    assert k is not None
                     return {
                         key: v if key == "step" else v[:, offset : offset + n].view(k, *p.shape)
                         for key, v in state.items()
