@@ -17,9 +17,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import mtl_optim
-from mtl_optim.distill._adaptor import AdaptorDistillation, _ChannelAdaptor
-from mtl_optim.distill._scd import SequentialCooperativeDistillation
-from mtl_optim.distill._universal import UniversalRepresentationLoss, _distill_kl, _rbf_cka
+from mtl_optim.distill import (
+    AdaptorDistillation,
+    SequentialCooperativeDistillation,
+    UniversalRepresentationLoss,
+)
+from mtl_optim.distill._adaptor import _ChannelAdaptor
+from mtl_optim.distill._universal import _distill_kl, _rbf_cka
 
 F64 = torch.float64
 

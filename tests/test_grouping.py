@@ -19,10 +19,7 @@ from torch import nn
 import mtl_optim
 from mtl_optim.adatask import AdaTask
 from mtl_optim.aggregators import MGDA
-from mtl_optim.grouping._affinity import TaskAffinity
-from mtl_optim.grouping._plot import plot_affinity
-from mtl_optim.grouping._random import RandomTaskGrouping
-from mtl_optim.grouping._select import select_groups
+from mtl_optim.grouping import RandomTaskGrouping, TaskAffinity, plot_affinity, select_groups
 
 matplotlib.use("Agg")
 F64 = torch.float64

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtl_optim
-from mtl_optim.weighting._igb_rl import IGBRL
+from mtl_optim.weighting import IGBRL
 from mtl_optim.weighting._sac import SAC, schedule
 
 F64 = torch.float64

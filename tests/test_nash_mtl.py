@@ -15,7 +15,7 @@ from conftest import examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mtl_optim.aggregators._nash_mtl import NashMTL
+from mtl_optim.aggregators import NashMTL
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=examples(60))

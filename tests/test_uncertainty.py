@@ -1,4 +1,8 @@
-"""Uncertainty, GroupedUncertainty, ConstrainedUncertainty and GLS: values, gradients, training."""
+"""Uncertainty weighting and its variants (GroupedUncertainty, ConstrainedUncertainty):
+objectives and gradients by hand, the optimum of the log-variances, regrouping, bounds, state.
+
+The decisions tested are in docs/methods/weightings.md, "Uncertainty weighting".
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,12 @@ import math
 
 import pytest
 import torch
-from conftest import assert_weighting_resumes, jacobian, t, train_two_task
+from conftest import F64, jacobian, t
 from torch import nn
 
 import mtl_optim
-from mtl_optim.weighting._gls import GLS
-from mtl_optim.weighting._uncertainty import (
-    ConstrainedUncertainty,
-    GroupedUncertainty,
-    Uncertainty,
-    bounded_rescale,
-)
-
-F64 = torch.float64
+from mtl_optim.weighting import ConstrainedUncertainty, GroupedUncertainty, Uncertainty
+from mtl_optim.weighting._uncertainty import bounded_rescale
 
 
 def grad_s(weighting, losses: torch.Tensor) -> torch.Tensor:
@@ -242,68 +239,3 @@ def test_constrained_state_dict_round_trip():
     torch.testing.assert_close(b.weights, a.weights)
     with pytest.raises(ValueError, match="dwa"):
         b.load_state_dict({"parameters": [torch.zeros(2, dtype=F64)]})
-
-
-# --- GLS ----------------------------------------------------------------------------------
-def test_gls_objectives_sum_to_the_geometric_mean_and_gradient_matches_autograd():
-    gls = GLS()
-    losses = t(0.5, 2.0, 4.0)
-    g = (0.5 * 2.0 * 4.0) ** (1 / 3)
-    o = gls(losses.clone().requires_grad_(True))
-    torch.testing.assert_close(o.detach(), torch.full((3,), g / 3, dtype=F64))
-    torch.testing.assert_close(o.sum().detach(), t(g)[0])
-    torch.testing.assert_close(gls.weights, g / (3 * losses))
-    x = losses.clone().requires_grad_(True)
-    ref = torch.autograd.grad(x.prod() ** (1 / 3), x)[0]
-    torch.testing.assert_close(jacobian(gls, losses).sum(0), ref)
-    torch.testing.assert_close(gls.weights, ref)
-    torch.testing.assert_close(jacobian(gls, losses), torch.diag(ref))  # distinct task rows
-    # zero loss: floored, finite, no weight; negative: error
-    o = gls(t(0.0, 1.0).requires_grad_(True))
-    assert torch.isfinite(o).all() and gls.weights[0].item() == 0.0
-    with pytest.raises(ValueError, match=">= 0"):
-        gls(t(1.0, -0.1))
-    assert repr(gls) == "GLS(eps=1e-08)" and gls.state_dict() == {}
-
-
-# --- training through the optimizer ------------------------------------------------------
-MAKERS = {
-    "UW": lambda: Uncertainty(2, dtype=F64),
-    "UW-factors-clip": lambda: Uncertainty(2, factors=(1.0, 2.0), clip=(-2.0, 2.0), dtype=F64),
-    "GALW-fixed": lambda: GroupedUncertainty([[0, 1]], dtype=F64),
-    "GALW-auto": lambda: GroupedUncertainty(num_tasks=2, n_groups=2, dtype=F64),
-    "Constrained": lambda: ConstrainedUncertainty(2, dtype=F64),
-    "GLS": GLS,
-}
-
-
-@pytest.mark.parametrize("name", list(MAKERS))
-def test_training_through_the_optimizer_decreases_both_losses(name):
-    weighting = MAKERS[name]()
-    start = [p.detach().clone() for p in weighting.parameters()]
-
-    def make_opt(model):
-        return mtl_optim.MTLOptimizer(
-            model.parameters(), base=torch.optim.Adam, lr=1e-2, weighting=weighting
-        )
-
-    opt, first, last = train_two_task(make_opt, nonlinear=True, steps=150, epoch_every=10)
-    assert all(b < 0.5 * a for a, b in zip(first, last)), (first, last)
-    assert opt.last_weights is not None and opt.last_weights.shape == (2,)
-    for p, p0 in zip(weighting.parameters(), start):
-        assert not torch.equal(p.detach(), p0)  # the log-variances were trained
-
-
-@pytest.mark.parametrize("name", [n for n in MAKERS if n != "GLS"])
-def test_optimizer_checkpoint_through_torch_save_resumes_bit_identically(name):
-    def record(opt):
-        params = [p.detach().flatten() for p in opt.weighting.parameters()]
-        return torch.cat([opt.last_weights, *params])
-
-    def scramble(opt):
-        with torch.no_grad():
-            for p in opt.weighting.parameters():
-                p.fill_(7.0)  # overwritten by the checkpoint
-
-    _, opt2 = assert_weighting_resumes(MAKERS[name], record, scramble)
-    assert opt2.state[opt2.weighting.parameters()[0]]  # the Adam state of s is restored

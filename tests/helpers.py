@@ -1,0 +1,30 @@
+"""Seeded inputs and plain-Python references shared by the method tests (fixtures, the model
+helpers and the matrix sampler live in conftest)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+
+def randn(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A standard normal tensor of ``shape`` from its own seeded generator."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def permutation(k: int, seed: int) -> torch.Tensor:
+    """A random permutation of ``range(k)`` from its own seeded generator."""
+    return torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+
+
+def softmax_by_hand(xs: list[float]) -> list[float]:
+    """The softmax in plain Python, for reference values."""
+    e = [math.exp(v) for v in xs]
+    return [v / sum(e) for v in e]
+
+
+def positive_floats(k: int, lo: float = 0.1, hi: float = 10.0) -> st.SearchStrategy[list[float]]:
+    """A Hypothesis strategy: lists of ``k`` floats in ``[lo, hi]`` (loss values, logits)."""
+    return st.lists(st.floats(lo, hi), min_size=k, max_size=k)
