@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import F64, J_GOLDEN, examples
 from conftest import matrices as _matrices
+from helpers import permutation, randn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from helpers import permutation, randn
 
 from mtl_optim.aggregators import FairGrad, NashMTL
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import F64, J_GOLDEN, examples
 from conftest import matrices as _matrices
+from helpers import permutation, randn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from helpers import permutation, randn
 
 from mtl_optim.aggregators import SDMGrad
 from mtl_optim.aggregators._simplex import project_to_simplex, simplex_projection
