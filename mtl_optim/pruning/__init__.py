@@ -3,6 +3,7 @@
 See docs/methods/pruning.md.
 """
 
-from ._disparse import DiSparse, erk_densities
+from ._disparse import DiSparse
+from ._dynamic import erk_densities
 
 __all__ = ["DiSparse", "erk_densities"]
