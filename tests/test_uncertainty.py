@@ -15,7 +15,7 @@ from torch import nn
 
 import mtl_optim
 from mtl_optim.weighting import ConstrainedUncertainty, GroupedUncertainty, Uncertainty
-from mtl_optim.weighting._uncertainty import bounded_rescale
+from mtl_optim.weighting._constrained_uncertainty import bounded_rescale
 
 
 def grad_s(weighting, losses: torch.Tensor) -> torch.Tensor:
