@@ -49,7 +49,7 @@ class GroupSlice:
         """Views of a ``(stop - start,)`` vector (or ``(K, n)`` matrix) shaped like each param."""
         lead = flat.shape[:-1]
         chunks = flat.split([p.numel() for p in self.params], dim=-1)
-        return [c.view(*lead, *p.shape) for c, p in zip(chunks, self.params)]
+        return [c.view((*lead, *p.shape)) for c, p in zip(chunks, self.params)]
 
 
 def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor) -> None:

@@ -487,3 +487,21 @@ def test_a_checkpoint_with_another_number_of_tasks_is_refused():
     with pytest.raises(ValueError, match="K = 2 tasks, but this optimizer was trained with K = 3"):
         opt.load_state_dict(source.state_dict())
     assert _snapshot(opt) == before
+
+
+def test_a_zero_dimensional_shared_parameter_trains_like_a_one_element_one():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=F64)
+    heads = [torch.randn(3, dtype=F64) for _ in range(2)]
+    results = []
+    for shape in ((), (1,)):
+        scale = nn.Parameter(torch.full(shape, 0.5, dtype=F64))
+        hs = [nn.Parameter(h.clone()) for h in heads]
+        opt = mtl_optim.AdaTask([scale, *hs], lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.backward([(scale * x @ h).pow(2).mean() for h in hs])
+            opt.step()
+        assert [id(p) for p in opt.shared_params] == [id(scale)]
+        results.append(scale.detach().reshape(()))
+    assert torch.equal(results[0], results[1])
