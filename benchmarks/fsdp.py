@@ -26,9 +26,12 @@ What to expect per step, with ``d`` parameters (``d_s`` shared), K tasks and R r
   ``2K·d_s`` moments).
 * FSDP2: K reduce-scatters of the gradient (one per task's backward) plus one all-reduce of
   ``K×K`` numbers; the parameters are all-gathered for the forward pass and again for every
-  backward pass that follows a reshard: ring traffic about ``(R-1)/R · (2K + 1)·d`` per rank
-  with ``reshard_after_forward=False`` (each of the K backward passes reshards at its end);
-  memory per rank ``K·d_s/R`` for ``J`` (AdaTask: plus ``2K·d_s/R``).
+  backward pass that follows a reshard. With ``reshard_after_forward=False`` the forward
+  pass's all-gather serves the first backward pass and each later one all-gathers again: ring
+  traffic ``(R-1)/R · 2K·d`` per rank, as much as DDP's; with ``True`` one all-gather more
+  per unit, ``(2K + 1)``; keeping the unsharded parameters through the K passes
+  (``set_reshard_after_backward(False)``, then ``reshard()``) leaves one all-gather,
+  ``(K + 1)``. Memory per rank: ``K·d_s/R`` for ``J`` (AdaTask: plus ``2K·d_s/R``).
 """
 
 from __future__ import annotations
@@ -354,6 +357,8 @@ def main() -> None:
         "of an all-gather's or reduce-scatter's."
     )
     report("fsdp", "DDP vs FSDP2 for exact per-task methods (CPU, gloo)", table, notes, args.quick)
+    # results/fsdp.md then gets a "Reading:" paragraph by hand: the measured numbers it quotes
+    # change with every run.
 
 
 if __name__ == "__main__":
