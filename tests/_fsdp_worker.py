@@ -32,6 +32,10 @@ def configs():
         "pcgrad": mtl(aggregators.PCGrad(seed=0)),
         "graddrop": mtl(aggregators.GradDrop(seed=0)),
         "cagrad": mtl(aggregators.CAGrad()),
+        "alignedmtl": mtl(aggregators.AlignedMTL()),
+        "config": mtl(aggregators.ConFIG()),
+        "fairgrad": mtl(aggregators.FairGrad()),  # clips too (max_norm=1)
+        "gradvac": mtl(aggregators.GradVac(seed=0)),
         "uncertainty": mtl(
             wgt=weighting.Uncertainty(K, dtype=torch.float64), base=torch.optim.Adam
         ),
