@@ -139,6 +139,7 @@ class ShardedTaskGradients(TaskGradients):
         self._group: Any = None  # the mesh's process group
         self._index: Tensor | None = None  # global column of each local column (GradDrop)
         self._owners: list[tuple[Tensor, ...]] = []  # the DTensors behind each slice's shards
+        self._checked: tuple[int, ...] | None = None  # the parameters validate() accepted
         self._global_dim = 0
 
     # --- checks ---------------------------------------------------------------------------
@@ -151,11 +152,11 @@ class ShardedTaskGradients(TaskGradients):
                 "parameters below the representation would have to be differentiated one by "
                 "one, which FSDP2's all-gathered parameters do not allow; drop features="
             )
-        if optimizer.route != "jacobian":
+        if optimizer.route == "gramian":
             raise ValueError(
                 f"route={optimizer.route!r} is not supported with parameters sharded by "
-                "fully_shard; use the default route='jacobian' (its Gramian is exact and costs "
-                "one K x K all-reduce)"
+                "fully_shard; use route='jacobian' or the default 'auto' (the Jacobian route: "
+                "its Gramian is exact and costs one K x K all-reduce)"
             )
         agg = optimizer.aggregator
         if agg is not None and not isinstance(agg, (GramianWeightedAggregator, PCGrad, GradDrop)):
@@ -173,6 +174,9 @@ class ShardedTaskGradients(TaskGradients):
                 "split across ranks under fully_shard; it is not supported there (use a "
                 "weighting that sees only the loss values)"
             )
+        layout = tuple(id(p) for g in optimizer.param_groups for p in g["params"])
+        if layout == self._checked:
+            return
         meshes = set()
         for g in optimizer.param_groups:
             for p in g["params"]:
@@ -190,6 +194,7 @@ class ShardedTaskGradients(TaskGradients):
                 "the sharded parameters live on different device meshes; mtl_optim needs one "
                 "mesh for the whole model"
             )
+        self._checked = layout
 
     def replicated(self, params: list[Tensor]) -> list[Tensor]:
         """The parameters whose gradients the optimizer averages across ranks itself (FSDP2
@@ -211,6 +216,18 @@ class ShardedTaskGradients(TaskGradients):
         return [torch.where(bad > 0, float("nan"), 0.0)]
 
     # --- set-up -----------------------------------------------------------------------------
+    def setup(
+        self,
+        losses: Sequence[Tensor],
+        param_groups: Sequence[dict],
+        shared: Iterable[Tensor] | None,
+        joined: bool = False,
+    ) -> None:
+        """Fix K and the shared parameters; a refusal (see :meth:`detect`) changes nothing."""
+        chosen = self.detect(losses, param_groups, shared, joined)
+        self.num_tasks = len(losses)
+        self.set_shared(param_groups, chosen)
+
     def detect(
         self,
         losses: Sequence[Tensor],
@@ -433,8 +450,10 @@ class ShardedTaskGradients(TaskGradients):
         if isinstance(agg, GradDrop):
             work = jacobian.detach()
             dtype = work.dtype if work.dtype in (torch.float32, torch.float64) else torch.float32
+            if self._index.device != work.device:
+                self._index = self._index.to(work.device)
             draw = agg.draw(self._global_dim, dtype, work.device)
-            return agg.drop(jacobian, draw[self._index.to(work.device)])
+            return agg.drop(jacobian, draw[self._index])
         raise ValueError(f"{agg!r} cannot run on parameters sharded by fully_shard")
 
     def aggregate(self, agg: Any, jacobian: Tensor) -> Tensor:

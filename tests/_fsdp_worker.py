@@ -113,11 +113,16 @@ def refusals() -> dict[str, tuple[str, bool]]:
         "gradnorm": dict(weighting=weighting.GradNorm(K, dtype=torch.float64)),
         "gramian-route": dict(aggregator=aggregators.MGDA(), route="gramian"),
         "features": dict(aggregator=aggregators.MGDA()),
+        "plain-heads": dict(aggregator=aggregators.MGDA()),
     }
     out = {}
     x, ys = batches(K, 1, seed=1, d_out=D_OUT)[0]
     for name, kw in cases.items():
-        model = shard(make_model(K, seed=0, width=WIDTH, d_out=D_OUT))
+        model = make_model(K, seed=0, width=WIDTH, d_out=D_OUT)
+        if name == "plain-heads":  # only the trunk sharded: the heads stay plain tensors
+            fully_shard(model.trunk, reshard_after_forward=False)
+        else:
+            shard(model)
         opt = mtl_optim.MTLOptimizer(model.parameters(), base=torch.optim.SGD, lr=0.1, **kw)
         before = full(model)
         try:

@@ -72,6 +72,7 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_one(ranks):
         ("gradnorm", "reads the per-task gradients"),
         ("gramian-route", "route='gramian' is not supported"),
         ("features", "features= is not supported"),
+        ("plain-heads", "that the losses reach are plain tensors, not sharded by fully_shard"),
     ],
 )
 def test_methods_that_cannot_shard_refuse_at_the_first_backward(ranks, name, words):
