@@ -199,10 +199,13 @@ class Pipeline:
         engine.write_grads(self.rescale(opt.shared_update(jacobian)), self.external)
 
     def gramian_route(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor) -> None:
+        """The Gramian from the K reverse passes (no ``J``), the weights, and their combination
+        of the tasks' gradients from what the passes kept (no second reverse pass)."""
         opt, engine = self._opt, self._opt._engine
         if not self.heads(heads_loss, engine.task_specific):
             return
         gram = engine.gramian(losses)
+        kept, engine.gramian_pass = engine.gramian_pass, None
         if not opt.guard.check([gram], "gradient"):
             return
         if opt._scale is not None:
@@ -215,11 +218,16 @@ class Pipeline:
         opt.guard.fold_weights(w)
         coeff = w if mix is None else w.to(mix.dtype) @ mix
         shared = engine.shared
-        torch.autograd.backward(
-            losses,
-            grad_tensors=[c.to(loss.dtype) for c, loss in zip(coeff.unbind(), losses)],
-            inputs=shared,
-        )
+        assert kept is not None
+        for p, grad in zip(shared, kept.combined(coeff)):
+            if grad is None:  # no task reaches p
+                continue
+            if p.grad is None:
+                p.grad = grad
+            elif p.grad.is_sparse:
+                p.grad = p.grad.to_dense() + grad
+            else:
+                p.grad.add_(grad)
         self.mean_grads(shared)
         opt.guard.check([p.grad for p in shared if p.grad is not None], "gradient")
 

@@ -1,240 +1,442 @@
-r"""The Gramian :math:`M = JJ^\top` of the per-task gradients without ever holding ``J``.
+r"""Per-task gradients layer by layer, and their Gramian :math:`M = JJ^\top` without ``J``.
 
-``J`` is ``K × d`` (d = number of shared parameters); this computes ``M`` while holding at most
-``K ×`` (the gradients at the outputs of the operations that consume the shared parameters,
-i.e. activation-sized tensors) plus ``K ×`` (the parameters of one block) at a time.
+Most shared parameters of a multi-task trunk are the weights of ``nn.Linear`` layers. A layer
+``y = x Wᵀ + b`` that sees the ``N`` rows ``X`` (``N × in``) of a batch gives task ``i`` the
+gradients
 
-How. Every path in the autograd graph from a loss to a shared parameter ``p`` ends in a
-*chain*: nodes with a single differentiable input that lead to ``p``'s ``AccumulateGrad``
-(``p`` itself, ``p.t()``, ``p.view(...)``, ``2 * p``...). The last node before the chain is a
-*consumer* (``addmm``, ``convolution``, ``embedding``, ``layer_norm``...), which mixes ``p``
-with other inputs; its outputs are activations.
+.. math::
+    \nabla_W L_i = \delta_i^\top X, \qquad \nabla_b L_i = \mathbf 1^\top \delta_i,
+    \qquad \delta_i = \partial L_i / \partial y \ (N \times out).
 
-1. K reverse passes (``torch.autograd.grad`` with ``GradientEdge`` inputs) give each task's
-   gradient at every consumer's outputs: ``δ_i``.
-2. Per block of consumers that share parameters, the consumer's backward node is applied to the
-   stacked ``δ`` (vmapped over tasks) to get the gradient flowing into each chain, and one
-   batched reverse pass down the chains gives the block's ``(K, n_block)`` Jacobian, whose
-   Gramian is added to ``M`` before the next block is formed.
+:class:`Plan` finds such layers in the autograd graph: an ``addmm``/``mm`` node whose weight
+input is ``W.t()`` of a shared ``W`` and whose bias input is a shared ``b``, where every use of
+the parameter has that form (tied weights are fine; a weight also read elsewhere, or under
+autocast, is not). The K reverse passes then stop at those layers' outputs and return
+:math:`\delta_i`; the weight gradients are not computed there. Every other shared parameter
+(convolutions, normalisation layers, embeddings, parameters read directly) is asked from
+autograd as usual.
 
-The result equals ``J Jᵀ`` up to rounding (tests compare them on MLPs, convolutions with
-BatchNorm, tied weights, embeddings and losses that read a parameter directly). Compute is
-about two of the engine's K-pass Jacobians; the memory saving is ``d`` versus the activation
-size, large for wide layers and small batches.
+* **Jacobian route** (:func:`fill_jacobian`): :math:`\delta_i^\top X` is written straight into
+  row ``i`` of ``J`` (``torch.mm(..., out=)``, the product autograd itself computes, without
+  the gradient tensor and the copy into ``J``).
+* **Gramian route** (:class:`GramianPass`): for a layer whose batch is small against its
+  width, the weight's rows are never formed. With :math:`Q = XX^\top` (``N × N``),
+
+  .. math::
+      \langle \nabla_W L_i, \nabla_W L_j \rangle
+      = \langle \delta_i \delta_j^\top, X X^\top \rangle = \langle \delta_i, Q \delta_j \rangle,
+
+  about :math:`N^2\,in + K N^2\,out + K^2 N\,out` float64 multiply-adds (exact products of the
+  float32 factors) instead of the :math:`K N\,in\,out` of the rows plus their Gramian. Other
+  layers form their ``K`` rows one parameter at a time, add their float64 Gramian and drop
+  them; other parameters' rows (``K × n``) come from the passes. The combination
+  :math:`\sum_i c_i \nabla L_i` then costs one product :math:`(\sum_i c_i \delta_i)^\top X` per
+  layer and ``c @ rows`` for the rest: no second reverse pass.
+
+Both equal autograd's per-task gradients up to rounding (tests compare them on MLPs,
+transformers, convolutions with BatchNorm, tied weights, embeddings and losses that read a
+parameter directly). The trick's Gramian is computed in float64 from the float32 factors, so
+it differs from the Gramian of the float32 rows by their rounding (~1e-7 relative), not more.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["streamed_gramian"]
+from ._linalg import gramian
+
+__all__ = ["GramianPass", "Plan", "fill_jacobian", "prefers_gramian", "streamed_gramian"]
+
+# node name -> (position of the W.t() input, position of the bias input or None, saved input X)
+_LINEAR_NODES = {
+    "AddmmBackward0": (2, 0, "_saved_mat1"),
+    "MmBackward0": (1, None, "_saved_self"),
+}
+#: largest ``N × N`` float64 matrix ``X Xᵀ`` the Gramian trick may allocate
+_TRICK_MAX_ELEMENTS = 1 << 22
+#: what one entry of ``J`` costs the Jacobian route besides forming it, in multiply-adds: its
+#: share of the float64 Gramian, the finite check, the weighted sum and the write to ``.grad``
+#: (fitted to the step times of ``benchmarks/vs_torchjd.py``)
+_J_ENTRY_COST = 10
+#: ``route="auto"`` also takes the Gramian route when ``J`` would fill more than this share of
+#: the memory available (and the Gramian route needs at most half of ``J``'s)
+_J_MEMORY_SHARE = 0.25
+#: ... but never for a ``J`` below this many bytes, which fits wherever this library runs
+_J_MEMORY_FLOOR = 1 << 26
+
+
+@dataclass(frozen=True)
+class _Use:
+    consumer: int  # index into Plan.consumers
+    bias: bool  # True: the bias input (δ summed to b's shape); False: the weight (δᵀ X)
+
+
+class Plan:
+    """Which shared parameters the reverse passes serve from Linear layers' output gradients.
+
+    ``linear`` maps a parameter's index in ``shared`` to its uses; ``generic`` lists the other
+    indices (asked from autograd); ``edges`` holds one :class:`GradientEdge` per Linear node
+    (its output), ``inputs`` the layer inputs ``X`` for the weight uses.
+    """
+
+    def __init__(self, losses: Sequence[Tensor], shared: Sequence[Tensor], dtype: torch.dtype):
+        self.shared = list(shared)
+        index = {id(p): i for i, p in enumerate(self.shared)}
+        uses: dict[int, list[tuple[Any, int, bool]]] = {}
+        seen: set[int] = set()
+        nodes: list[Any] = []  # keeps every visited node alive, so that ids stay unique
+        stack = [loss.grad_fn for loss in losses]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)
+            for pos, (child, _) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                leaf = _shared_leaf(child, index)
+                if leaf is not None:
+                    uses.setdefault(leaf[0], []).append((node, pos, leaf[1]))
+                elif getattr(child, "variable", None) is None:  # not a leaf: walk on
+                    stack.append(child)
+
+        self.consumers: list[Any] = []
+        self.inputs: list[Tensor | None] = []
+        self.linear: dict[int, list[_Use]] = {}
+        self.generic: list[int] = []
+        slot: dict[int, int] = {}
+        for i, p in enumerate(self.shared):
+            found = [_role(node, pos, t, p, dtype) for node, pos, t in uses.get(i, [])]
+            if not found or any(role is None for role in found):
+                self.generic.append(i)
+                continue
+            self.linear[i] = []
+            for (node, _, _), role in zip(uses[i], found):
+                assert role is not None
+                if id(node) not in slot:
+                    slot[id(node)] = len(self.consumers)
+                    self.consumers.append(node)
+                    self.inputs.append(None)
+                c = slot[id(node)]
+                if role[0] == "weight":
+                    self.inputs[c] = role[1]
+                self.linear[i].append(_Use(c, role[0] == "bias"))
+        self.edges = [GradientEdge(node, 0) for node in self.consumers]
+        self.offsets = [0]
+        for p in self.shared:
+            self.offsets.append(self.offsets[-1] + p.numel())
+
+    @property
+    def dim(self) -> int:
+        return self.offsets[-1]
+
+    def passes(self, losses: Sequence[Tensor], retain_graph: bool):
+        """Run the K reverse passes: yield, per task, its output gradients at the Linear nodes
+        (``None`` where the task does not reach one) and its gradients of the generic
+        parameters."""
+        inputs = [*self.edges, *(self.shared[i] for i in self.generic)]
+        n_edges = len(self.edges)
+        last = len(losses) - 1
+        for t, loss in enumerate(losses):
+            if not inputs or loss.grad_fn is None:
+                yield [None] * n_edges, [None] * len(self.generic)
+                continue
+            grads = torch.autograd.grad(
+                loss, inputs, retain_graph=retain_graph or t < last, allow_unused=True
+            )
+            yield list(grads[:n_edges]), list(grads[n_edges:])
+
+    def write_linear(self, i: int, deltas: Sequence[Tensor | None], out: Tensor) -> None:
+        """Write parameter ``i``'s gradient (shaped like it) from one task's output gradients:
+        ``δᵀ X`` per weight use, ``δ`` summed to the bias's shape per bias use."""
+        p, first = self.shared[i], True
+        for use in self.linear[i]:
+            delta = deltas[use.consumer]
+            if delta is None:
+                continue
+            if use.bias:
+                part = delta.sum_to_size(p.shape)
+                out.copy_(part) if first else out.add_(part)
+            elif first:  # autograd's own product for W.t(): grad.t().mm(mat1), transposed back
+                torch.mm(delta.t(), self.inputs[use.consumer], out=out)
+            else:
+                out.add_(torch.mm(delta.t(), self.inputs[use.consumer]))
+            first = False
+        if first:
+            out.zero_()
+
+    def row_views(self, row: Tensor, i: int) -> Tensor:
+        return row[self.offsets[i] : self.offsets[i + 1]].view(self.shared[i].shape)
+
+
+def _shared_leaf(node: Any, index: dict[int, int]) -> tuple[int, bool] | None:
+    """``(parameter index, transposed)`` if ``node`` is a shared parameter's AccumulateGrad,
+    or a ``TBackward0`` directly above one."""
+    variable = getattr(node, "variable", None)
+    if variable is not None:
+        i = index.get(id(variable))
+        return None if i is None else (i, False)
+    if type(node).__name__ == "TBackward0":
+        children = [c for c, _ in node.next_functions if c is not None]
+        if len(children) == 1:
+            variable = getattr(children[0], "variable", None)
+            if variable is not None and id(variable) in index:
+                return index[id(variable)], True
+    return None
+
+
+def _role(
+    node: Any, pos: int, transposed: bool, p: Tensor, dtype: torch.dtype
+) -> tuple[str, Tensor | None] | None:
+    """``("weight", X)`` or ``("bias", None)`` if this use of ``p`` is a Linear layer's,
+    ``None`` otherwise."""
+    spec = _LINEAR_NODES.get(type(node).__name__)
+    if spec is None or p.dtype != dtype or p.layout != torch.strided:
+        return None
+    weight_pos, bias_pos, saved = spec
+    try:
+        if type(node).__name__ == "AddmmBackward0" and (
+            node._saved_alpha != 1 or node._saved_beta != 1
+        ):
+            return None
+        if pos == weight_pos and transposed and p.dim() == 2:
+            x = getattr(node, saved)
+            if isinstance(x, Tensor) and x.dim() == 2 and x.dtype == dtype:
+                if x.layout == torch.strided and x.shape[1] == p.shape[1]:
+                    return "weight", x
+        elif pos == bias_pos and not transposed:
+            return "bias", None
+    except Exception:  # a saved tensor that cannot be read (released, or behind hooks)
+        return None
+    return None
 
 
 @torch.no_grad()
-def streamed_gramian(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> Tensor:
-    """``(K, K)`` float64 Gramian of the gradients of ``losses`` w.r.t. ``shared``.
+def fill_jacobian(
+    losses: Sequence[Tensor], shared: Sequence[Tensor], out: Tensor, retain_graph: bool
+) -> None:
+    """The Jacobian route's K reverse passes: row ``i`` of ``out`` (``K × d``) gets
+    :math:`\\nabla L_i`; Linear weights straight from :math:`\\delta_i^\\top X`."""
+    plan = Plan(losses, shared, out.dtype)
+    for t, (deltas, grads) in enumerate(plan.passes(losses, retain_graph)):
+        row = out[t]
+        for i, g in zip(plan.generic, grads):
+            view = row[plan.offsets[i] : plan.offsets[i + 1]]
+            if g is None:
+                view.zero_()
+            else:  # a sparse gradient (nn.Embedding(sparse=True)) is densified into its row
+                view.copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
+        for i in plan.linear:
+            plan.write_linear(i, deltas, plan.row_views(row, i))
 
-    The autograd graph is kept, so that the caller can run the weighted backward afterwards.
+
+class GramianPass:
+    """The Gramian of the K tasks' gradients of ``shared``, and what combines them later.
+
+    After construction :attr:`gram` holds the ``(K, K)`` float64 Gramian; :meth:`combined`
+    gives :math:`\\sum_i c_i \\nabla L_i` per parameter and :meth:`jacobian_into` the rows
+    themselves, both from what the pass kept: the Linear layers' output gradients and inputs
+    (activation-sized) and the other parameters' ``K`` rows. ``retain_graph=False`` frees the
+    autograd graph in the last pass, as a plain ``backward`` does.
     """
-    k = len(losses)
-    device = shared[0].device if shared else losses[0].device
-    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-    graph = _Graph(losses, {id(p) for p in shared})
-    if not graph.consumers and not graph.root_entries:
-        return gram
 
-    # 1. each task's gradient at every consumer output (K passes, activation-sized results).
-    edges = [GradientEdge(node, nr) for node in graph.consumers for nr in range(_n_out(node))]
-    deltas: list[list[Tensor]] = [[] for _ in edges]
-    for loss in losses:
-        if edges:
-            grads = torch.autograd.grad(loss, edges, retain_graph=True, allow_unused=True)
-        else:
-            grads = ()
-        for slot, (edge, g) in enumerate(zip(edges, grads)):
-            deltas[slot].append(_zeros_for(edge) if g is None else g)
-    stacked = {(id(e.node), e.output_nr): torch.stack(d) for e, d in zip(edges, deltas)}
+    @torch.no_grad()
+    def __init__(
+        self,
+        losses: Sequence[Tensor],
+        shared: Sequence[Tensor],
+        dtype: torch.dtype,
+        retain_graph: bool = False,
+    ) -> None:
+        plan = self.plan = Plan(losses, shared, dtype)
+        k = self.num_tasks = len(losses)
+        device = self.device = shared[0].device if shared else losses[0].device
+        self.dtype = dtype
+        sizes = [plan.shared[i].numel() for i in plan.generic]
+        self.rows = torch.empty(k, sum(sizes), dtype=dtype, device=device)
+        per_task: list[list[Tensor | None]] = []
+        for t, (deltas, grads) in enumerate(plan.passes(losses, retain_graph)):
+            per_task.append(deltas)
+            offset = 0
+            for g, n in zip(grads, sizes):
+                view = self.rows[t, offset : offset + n]
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
+                offset += n
+        self.deltas: list[Tensor] = []  # (K, N, out) per Linear node
+        for c, edge in enumerate(plan.edges):
+            found = [d[c] for d in per_task]
+            like = next((d for d in found if d is not None), None)
+            if like is None:
+                meta = edge.node._input_metadata[0]
+                like = torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
+            self.deltas.append(
+                torch.stack([torch.zeros_like(like) if d is None else d for d in found])
+            )
 
-    # 2. per block: into the chains, down to the parameters, Gramian of the block.
-    for block in graph.blocks():
-        entries: dict[tuple[int, int], tuple[Any, Tensor]] = {}
-        for node in block.consumers:
-            grads_in = [stacked.pop((id(node), nr)) for nr in range(_n_out(node))]
-            outs = _apply_node(node, grads_in, k)
-            for j, (child, nr) in enumerate(node.next_functions):
-                out = outs[j]  # None: no gradient flows to this input (a zero contribution)
-                if child is None or out is None or not graph.is_chain(child):
-                    continue
-                _add_entry(entries, child, nr, out)
-        for node, nr, rows in block.roots:
-            _add_entry(entries, node, nr, rows.to(device))
-        params = block.params
-        outputs = [GradientEdge(node, nr) for node, _ in entries.values()]
-        grad_outputs = [g for _, g in entries.values()]
-        jac = torch.autograd.grad(
-            outputs,
-            params,
-            grad_outputs=grad_outputs,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-        for g in jac:
-            if g is not None:
-                rows = g.reshape(k, -1).to(torch.float64)
-                gram += rows @ rows.T
-        del jac, entries
-    return gram
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        if sizes:
+            gram += gramian(self.rows)
+        for i in plan.linear:
+            gram += self._gramian_of(i)
+        self.gram = 0.5 * (gram + gram.T)
+
+    def _gramian_of(self, i: int) -> Tensor:
+        """Parameter ``i``'s contribution to the Gramian: by the trick where it is cheaper,
+        else from its ``K`` rows, formed here and dropped."""
+        plan, k = self.plan, self.num_tasks
+        p, uses = plan.shared[i], plan.linear[i]
+        if _trick_cost(plan, i, k) is not None:
+            deltas = torch.cat([self.deltas[u.consumer] for u in uses], dim=1)
+            x = torch.cat([plan.inputs[u.consumer] for u in uses], dim=0)  # type: ignore[misc]
+            x64, d64 = x.to(torch.float64), deltas.to(torch.float64)
+            q = x64 @ x64.T  # (N, N)
+            r = torch.matmul(q, d64)  # (K, N, out): Q δ_j
+            return d64.reshape(k, -1) @ r.reshape(k, -1).T
+        block = torch.empty(k, *p.shape, dtype=self.dtype, device=self.device)
+        for t in range(k):
+            plan.write_linear(i, [d[t] for d in self.deltas], block[t])
+        return gramian(block.reshape(k, -1))
+
+    @torch.no_grad()
+    def combined(self, coeff: Tensor) -> list[Tensor | None]:
+        """:math:`\\sum_i c_i \\nabla_p L_i` for every shared parameter ``p`` (``None`` where no
+        task reaches it), from the kept factors."""
+        plan = self.plan
+        c = coeff.to(device=self.device, dtype=self.dtype)
+        out: list[Tensor | None] = [None] * len(plan.shared)
+        if plan.generic:
+            flat = c @ self.rows
+            offset = 0
+            for i in plan.generic:
+                n = plan.shared[i].numel()
+                out[i] = flat[offset : offset + n].view(plan.shared[i].shape)
+                offset += n
+        mixed = [torch.tensordot(c, d, dims=1) for d in self.deltas]  # Σ_i c_i δ_i per node
+        for i in plan.linear:
+            grad = torch.empty_like(plan.shared[i])
+            plan.write_linear(i, mixed, grad)
+            out[i] = grad
+        return out
+
+    @torch.no_grad()
+    def jacobian_into(self, out: Tensor) -> None:
+        """Write the K rows (``K × d``, the layout of ``shared``) into ``out``."""
+        plan = self.plan
+        offset = 0
+        for i in plan.generic:
+            n = plan.shared[i].numel()
+            out[:, plan.offsets[i] : plan.offsets[i + 1]].copy_(self.rows[:, offset : offset + n])
+            offset += n
+        for t in range(self.num_tasks):
+            deltas = [d[t] for d in self.deltas]
+            for i in plan.linear:
+                plan.write_linear(i, deltas, plan.row_views(out[t], i))
 
 
-def _n_out(node: Any) -> int:
-    return len(node._input_metadata)
+def _rows(plan: Plan, i: int) -> int:
+    """The number of input rows ``N`` a Linear weight sees (over all its uses)."""
+    return sum(plan.inputs[u.consumer].shape[0] for u in plan.linear[i])  # type: ignore[union-attr]
 
 
-def _zeros_for(edge: GradientEdge) -> Tensor:
-    meta = edge.node._input_metadata[edge.output_nr]
-    return torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
-
-
-def _add_entry(entries: dict, node: Any, nr: int, rows: Tensor) -> None:
-    key = (id(node), nr)
-    if key in entries:
-        entries[key] = (node, entries[key][1] + rows)
-    else:
-        entries[key] = (node, rows)
-
-
-def _apply_node(node: Any, grads: list[Tensor], k: int) -> tuple[Tensor | None, ...]:
-    """Run a backward node on K stacked output gradients (vmapped; a loop if vmap fails)."""
-    present: list[bool] = []
-    metas = [None if c is None else c._input_metadata[nr] for c, nr in node.next_functions]
-
-    def call(*g: Tensor) -> tuple[Tensor, ...]:  # vmap outputs must be tensors, not None
-        outs = [_conform(o, m) for o, m in zip(node(*g), metas)]
-        present[:] = [o is not None for o in outs]
-        return tuple(o if o is not None else g[0].new_zeros(()) for o in outs)
-
-    try:
-        outs = torch.vmap(call)(*grads)
-        return tuple(o if keep else None for o, keep in zip(outs, present))
-    except Exception:  # an op without a batching rule: one call per task
-        per_task = [
-            [_conform(o, m) for o, m in zip(node(*(g[i] for g in grads)), metas)] for i in range(k)
-        ]
-        stacked: list[Tensor | None] = []
-        for j in range(len(per_task[0])):
-            col = [row[j] for row in per_task]
-            stacked.append(None if col[0] is None else torch.stack(cast(list[Tensor], col)))
-        return tuple(stacked)
-
-
-def _conform(grad: Tensor | None, meta: Any) -> Tensor | None:
-    """What autograd does between nodes: sum broadcast dimensions away, cast the dtype."""
-    if grad is None or meta is None:
+def _trick_cost(plan: Plan, i: int, k: int) -> int | None:
+    """Float64 multiply-adds of the Gramian trick for Linear weight ``i``, if it is cheaper
+    (counted twice, float64) than forming the ``K`` rows and their Gramian; else ``None``."""
+    p, uses = plan.shared[i], plan.linear[i]
+    if any(u.bias for u in uses):
         return None
-    if tuple(grad.shape) != tuple(meta.shape):
-        grad = grad.sum_to_size(meta.shape)
-    return grad if grad.dtype == meta.dtype else grad.to(meta.dtype)
+    n, (out_dim, in_dim) = _rows(plan, i), p.shape
+    trick = n * n * in_dim + k * n * n * out_dim + k * k * n * out_dim
+    rows = k * n * in_dim * out_dim + k * k * in_dim * out_dim
+    return trick if 2 * trick < rows and n * n <= _TRICK_MAX_ELEMENTS else None
 
 
-class _Block:
-    def __init__(self) -> None:
-        self.consumers: list[Any] = []
-        self.roots: list[tuple[Any, int, Tensor]] = []
-        self.params: list[Tensor] = []
+def route_costs(plan: Plan, k: int) -> tuple[int, int]:
+    """Estimated multiply-adds of the Jacobian and the Gramian route where they differ.
 
-
-class _Graph:
-    """Consumers, chains and parameter blocks of the graph below ``losses``."""
-
-    def __init__(self, losses: Sequence[Tensor], shared_ids: set[int]) -> None:
-        self.shared_ids = shared_ids
-        self._chain: dict[int, Any] = {}  # id(node) -> the AccumulateGrad it leads to, or None
-        self.consumers: list[Any] = []
-        self.root_entries: list[tuple[Any, int, int]] = []  # (node, output_nr, task)
-        seen: set[int] = set()
-        k = len(losses)
-        self._k = k
-        for i, loss in enumerate(losses):
-            root = loss.grad_fn
-            if root is None:
-                continue
-            if self.is_chain(root):
-                self.root_entries.append((root, loss.output_nr, i))
-                continue
-            stack = [root]
-            while stack:
-                node = stack.pop()
-                if id(node) in seen:
-                    continue
-                seen.add(id(node))
-                children = [c for c, _ in node.next_functions if c is not None]
-                if any(self.is_chain(c) for c in children):
-                    self.consumers.append(node)
-                stack.extend(c for c in children if not self.is_chain(c))
-
-    def _leaf(self, node: Any) -> Any:
-        """The shared ``AccumulateGrad`` a chain node leads to, or ``None`` if not a chain."""
-        key = id(node)
-        if key in self._chain:
-            return self._chain[key]
-        self._chain[key] = None  # guards cycles (there are none in autograd graphs)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaf = node if id(variable) in self.shared_ids else None
+    Jacobian route: ``K·N·in·out`` per Linear weight for its rows, plus
+    ``_J_ENTRY_COST·K·d`` for handling ``J``. Gramian route: per Linear weight, twice the
+    trick's float64 count or its rows and their Gramian, plus ``N·in·out`` for the
+    combination; other parameters' rows cost what they cost in ``J``. The passes down to the
+    layers are the same in both and left out.
+    """
+    jacobian = _J_ENTRY_COST * k * plan.dim
+    gram = 0
+    for i in plan.linear:
+        p = plan.shared[i]
+        if any(u.bias for u in plan.linear[i]):  # a bias: its rows are cheap either way
+            jacobian += k * p.numel()
+            gram += (k + 1 + _J_ENTRY_COST * k) * p.numel()
+            continue
+        trick, n = _trick_cost(plan, i, k), _rows(plan, i)
+        jacobian += k * n * p.numel()
+        if trick is not None:
+            gram += 2 * trick + n * p.numel()
         else:
-            children = [c for c, _ in node.next_functions if c is not None]
-            leaf = self._leaf(children[0]) if len(children) == 1 else None
-        self._chain[key] = leaf
-        return leaf
+            gram += (k + 1) * n * p.numel() + _J_ENTRY_COST * k * p.numel()
+    gram += _J_ENTRY_COST * k * sum(plan.shared[i].numel() for i in plan.generic)
+    return jacobian, gram
 
-    def is_chain(self, node: Any) -> bool:
-        return self._leaf(node) is not None
 
-    def blocks(self) -> list[_Block]:
-        """Consumers and root entries grouped so that no parameter is split across blocks."""
-        parent: dict[tuple[str, int], tuple[str, int]] = {}
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for tensors on ``device`` (``MemAvailable`` on Linux for the CPU)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as status:
+                for line in status:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
 
-        def find(x: tuple[str, int]) -> tuple[str, int]:
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
 
-        def union(a: tuple[str, int], b: tuple[str, int]) -> None:
-            parent[find(a)] = find(b)
+def prefers_gramian(
+    losses: Sequence[Tensor], shared: Sequence[Tensor], dtype: torch.dtype | None
+) -> bool:
+    """``route="auto"``'s rule: the Gramian route when its estimated cost
+    (:func:`route_costs`) is lower, or when ``J`` would take more than ``_J_MEMORY_SHARE`` of
+    the available memory while the Gramian route needs at most half as much."""
+    if not shared or dtype is None:
+        return False
+    plan = Plan(losses, shared, dtype)
+    k = len(losses)
+    jacobian, gram = route_costs(plan, k)
+    if gram < jacobian:
+        return True
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    j_bytes = k * plan.dim * itemsize
+    if j_bytes < _J_MEMORY_FLOOR:
+        return False
+    available = _available_bytes(shared[0].device)
+    if available is None or j_bytes <= _J_MEMORY_SHARE * available:
+        return False
+    generic = sum(plan.shared[i].numel() for i in plan.generic)
+    formed = max(
+        (plan.shared[i].numel() for i in plan.linear if _trick_cost(plan, i, k) is None),
+        default=0,
+    )
+    outputs = sum(math.prod(e.node._input_metadata[0].shape) for e in plan.edges)
+    return k * (generic + formed + outputs) * itemsize <= j_bytes / 2
 
-        items: list[tuple[str, Any, list[Any]]] = []
-        for node in self.consumers:
-            leaves = [self._leaf(c) for c, _ in node.next_functions if c is not None]
-            items.append(("consumer", node, [leaf for leaf in leaves if leaf is not None]))
-        for entry in self.root_entries:
-            items.append(("root", entry, [self._leaf(entry[0])]))
-        for idx, (_, _, leaves) in enumerate(items):
-            for leaf in leaves:
-                union(("item", idx), ("param", id(leaf)))
-        groups: dict[tuple[str, int], _Block] = {}
-        params_seen: dict[tuple[str, int], set[int]] = {}
-        for idx, (kind, obj, leaves) in enumerate(items):
-            key = find(("item", idx))
-            block = groups.setdefault(key, _Block())
-            seen = params_seen.setdefault(key, set())
-            if kind == "consumer":
-                block.consumers.append(obj)
-            else:
-                node, nr, task = obj
-                rows = torch.zeros(self._k, dtype=torch.float64)
-                rows[task] = 1.0
-                meta = node._input_metadata[nr]
-                rows = rows.to(meta.dtype).reshape(self._k, *meta.shape)
-                block.roots.append((node, nr, rows))
-            for leaf in leaves:
-                if id(leaf.variable) not in seen:
-                    seen.add(id(leaf.variable))
-                    block.params.append(leaf.variable)
-        return list(groups.values())
+
+def streamed_gramian(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> Tensor:
+    """``(K, K)`` float64 Gramian of the gradients of ``losses`` w.r.t. ``shared``; the
+    autograd graph is kept."""
+    dtype = torch.float32
+    for p in shared:
+        dtype = torch.promote_types(dtype, p.dtype)
+    with torch.no_grad():
+        return GramianPass(losses, shared, dtype, retain_graph=True).gram

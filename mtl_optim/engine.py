@@ -25,7 +25,7 @@ from torch import Tensor
 from ._distributed import Replicas
 from ._graph import JOIN, as_losses, reachable_params, walk
 from ._linalg import gramian  # re-exported: engine.gramian stays importable
-from ._streamed_gramian import streamed_gramian
+from ._streamed_gramian import GramianPass, fill_jacobian
 
 __all__ = ["GroupSlice", "TaskGradients", "as_losses", "gramian", "reachable_params"]
 
@@ -78,6 +78,8 @@ class TaskGradients:
     """
 
     STRATEGIES = ("loop", "batched")
+    #: the last :meth:`gramian` call's pass: what combines the tasks' gradients afterwards
+    gramian_pass: GramianPass | None = None
 
     def __init__(self, strategy: Literal["loop", "batched"] = "loop") -> None:
         if strategy not in self.STRATEGIES:
@@ -257,13 +259,10 @@ class TaskGradients:
         return self._jacobian
 
     def _loop(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
-        shared = self.shared or []
-        last = len(losses) - 1
-        for i, loss in enumerate(losses):
-            grads = torch.autograd.grad(
-                loss, shared, retain_graph=retain_graph or i < last, allow_unused=True
-            )
-            _flat_grads(grads, shared, out[i])
+        """One reverse pass per task; the weights of Linear layers are written straight into
+        ``out`` from the layers' output gradients (:func:`~._streamed_gramian.fill_jacobian`:
+        the same products autograd computes, without its gradient tensors and their copy)."""
+        fill_jacobian(losses, self.shared or [], out, retain_graph)
 
     def _batched(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
         stacked = torch.stack(list(losses))
@@ -288,12 +287,31 @@ class TaskGradients:
     def gramian(self, losses: Sequence[Tensor]) -> Tensor:
         """``(K, K)`` float64 Gramian of this batch's per-task gradients, without forming ``J``.
 
-        See :mod:`mtl_optim._streamed_gramian`; the graph is kept for a weighted backward.
+        See :mod:`mtl_optim._streamed_gramian`. The reverse passes free the graph, as a
+        ``backward`` does; :attr:`gramian_pass` keeps what combines the tasks' gradients
+        (``gramian_pass.combined(c)``) or rebuilds their rows (:meth:`resume`).
         """
-        assert self.shared is not None
-        gram = streamed_gramian(losses, self.shared)
+        assert self.shared is not None and self.dtype is not None
+        self.gramian_pass = GramianPass(losses, self.shared, self.dtype)
+        gram = self.gramian_pass.gram
         self._reduce_gramian(gram)
         return gram
+
+    def resume(self, kept: GramianPass, mix: Tensor | None) -> None:
+        """Start this window's ``J`` from an earlier :meth:`gramian` pass of the same window
+        (its rows, times ``mix`` as in :meth:`compute`): ``route="auto"`` took the Gramian
+        route for a batch and then saw another ``backward`` before ``step``."""
+        assert self.shared is not None and self.num_tasks is not None
+        device = self.shared[0].device
+        if self._jacobian is None or self._jacobian.device != device:
+            self._jacobian = torch.empty(self.num_tasks, self.dim, dtype=self.dtype, device=device)
+        kept.jacobian_into(self._jacobian)
+        if mix is not None and mix.dim() == 1:
+            self._jacobian.mul_(mix.to(self._jacobian.dtype)[:, None])
+        elif mix is not None:
+            self._jacobian.copy_(mix.to(self._jacobian.dtype) @ self._jacobian)
+        self._reduce(self._jacobian)
+        self._fresh = False
 
     def _reduce_gramian(self, gram: Tensor) -> None:
         """Average Gramians across processes (identity in a single process).
