@@ -31,14 +31,21 @@ from torch import Tensor
 from ._distributed import Replicas
 from ._host import Host
 from ._linalg import gramian
+from ._streamed_gramian import GramianPass, prefers_gramian
 from .aggregators import GramianWeightedAggregator, WeightedAggregator
-from .engine import reachable_params
+from .engine import TaskGradients, reachable_params
 
 __all__ = ["Pipeline"]
 
 
 class Pipeline:
     """The stages of one ``backward`` for one optimizer (see the module docstring)."""
+
+    #: ``route="auto"``: a window of this optimizer saw two ``backward`` calls (accumulation)
+    accumulates = False
+    #: ``route="auto"``: the Gramian pass of this window's first batch, with the ``external``
+    #: list of that window and the batch's mix, kept in case another ``backward`` follows
+    _kept: tuple[list[Tensor | None], GramianPass, Tensor | None] | None = None
 
     def __init__(self, optimizer: Host) -> None:
         self._opt = optimizer
@@ -66,7 +73,7 @@ class Pipeline:
                     "pass shared= to name them, or use another weighting"
                 )
             self.sum_route(heads_loss)
-        elif opt.route == "gramian":
+        elif opt.route == "gramian" or (opt.route == "auto" and self.auto_gramian(losses)):
             self.gramian_route(losses, mix, heads_loss)
         elif (
             opt.aggregator is not None
@@ -74,9 +81,40 @@ class Pipeline:
             or opt._weighting_needs_j
             or opt._hooks_need_jacobian
         ):
+            kept, self._kept = self._kept, None
+            if kept is not None and kept[0] is self.external:  # J starts from that batch's rows
+                engine.resume(kept[1], kept[2])
             self.jacobian_route(losses, mix, heads_loss)
         else:
             self.sum_route(heads_loss)
+
+    def auto_gramian(self, losses: list[Tensor]) -> bool:
+        """``route="auto"``: does this ``backward`` take the Gramian route?
+
+        Only where that gives the Jacobian route's numbers (up to rounding): an aggregator that
+        depends on the Gramian alone, no per-task state, no weighting or gradient hook that
+        needs ``J``, no subclass replacing the combination, one process and the plain engine;
+        and only for the first ``backward`` of a window, never once a window accumulated.
+        Then :func:`~mtl_optim._streamed_gramian.prefers_gramian` decides from the layers'
+        sizes, K and the batch.
+        """
+        opt, engine = self._opt, self._opt._engine
+        if self.external is not None:  # a later backward of this window: J accumulates
+            self.accumulates = True
+            return False
+        replicas = engine.replicas
+        allowed = (
+            not self.accumulates
+            and isinstance(opt.aggregator, GramianWeightedAggregator)
+            and not opt.per_task_state
+            and not opt._weighting_needs_j
+            and not opt._hooks_need_jacobian
+            and not _replaced(opt, "combine")
+            and not _replaced(opt, "shared_update")
+            and type(engine) is TaskGradients
+            and (replicas is None or not replicas.active)
+        )
+        return allowed and prefers_gramian(losses, engine.shared, engine.dtype)
 
     def check_features(self, features: Tensor | Sequence[Tensor], replicas: Replicas) -> list:
         """``features=`` as a list of tensors in the graph, or a ValueError (nothing moved)."""
@@ -204,6 +242,9 @@ class Pipeline:
         opt, engine = self._opt, self._opt._engine
         if not self.heads(heads_loss, engine.task_specific):
             return
+        auto = opt.route == "auto"
+        if auto:  # another backward of this window would continue in J (see run)
+            self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
         gram = engine.gramian(losses)
         kept, engine.gramian_pass = engine.gramian_pass, None
         if not opt.guard.check([gram], "gradient"):
@@ -228,6 +269,10 @@ class Pipeline:
                 p.grad = p.grad.to_dense() + grad
             else:
                 p.grad.add_(grad)
+        if auto:
+            separable = opt.weighting is not None and opt.weighting.separable
+            row_mix = mix.diagonal() if mix is not None and separable else mix
+            self._kept = (self.external, kept, row_mix)  # type: ignore[assignment]
         self.mean_grads(shared)
         opt.guard.check([p.grad for p in shared if p.grad is not None], "gradient")
 
@@ -307,3 +352,8 @@ class Pipeline:
                 new = p.grad if old is None else p.grad - old
                 p.grad = (0 if old is None else old) + new * scale.to(new.dtype)
         return out
+
+
+def _replaced(opt: Host, name: str) -> bool:
+    """Does a subclass of ``MTLOptimizer`` override the method ``name`` (e.g. ``combine``)?"""
+    return sum(name in vars(cls) for cls in type(opt).__mro__) > 1

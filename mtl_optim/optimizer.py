@@ -86,16 +86,34 @@ class MTLOptimizer(Extensible, Optimizer):
         weighting: a :mod:`mtl_optim.weighting` instance, or ``None``.
         shared: the shared parameters. ``None`` detects them at the first ``backward``: a
             parameter that two or more losses reach in the autograd graph is shared.
-        route: how shared gradients are formed when an aggregator is set. ``"jacobian"``
-            (default) stores the ``(K, d)`` per-task gradients and combines them.
+        route: how shared gradients are formed when an aggregator is set.
+            ``"jacobian"`` stores the ``(K, d)`` per-task gradients ``J`` and combines them.
             ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeightedAggregator`
-            aggregators) never stores ``J``: it forms the ``K×K`` Gramian from
-            activation-sized gradients (:mod:`mtl_optim._streamed_gramian`), computes the
-            weights ``w`` and runs one backward of :math:`\sum_i w_i o_i`. It trades about
-            1.4–1.7× the Jacobian route's step time for memory
-            (``benchmarks/results/micro.md``, Nash-MTL). Calling
-            ``backward`` several times before ``step`` then combines each call's batch on its
-            own (weights per micro-batch) and adds the results.
+            aggregators) never stores ``J``: the K reverse passes stop at the outputs of the
+            Linear layers, whose Gramian comes from their inputs and output gradients
+            (:math:`\langle \delta_i^\top X, \delta_j^\top X\rangle =
+            \langle \delta_i, XX^\top\delta_j\rangle`, no per-task weight gradient formed) or
+            from their rows one layer at a time; other parameters' rows come from the passes
+            (:mod:`mtl_optim._streamed_gramian`). The weights ``w`` then combine the kept
+            output gradients into :math:`\sum_i w_i \nabla o_i` without a second backward.
+            Calling ``backward`` several times before ``step`` combines each call's batch on
+            its own (weights per micro-batch) and adds the results.
+            ``"auto"`` (default) takes the Gramian route where it is legal and pays: an
+            aggregator of the Gramian alone, no per-task state (AdaTask), no weighting or
+            gradient hook that needs ``J``, no subclass replacing the combination, one process,
+            the first ``backward`` of a window and no accumulation seen before; and its
+            estimated cost is lower — Linear layers whose batch rows ``N`` are few against
+            their width (roughly ``N`` under half their input size) hold most of the shared
+            parameters — or ``J`` would take more than a quarter of the free memory while the
+            Gramian route needs at most half as much. Everywhere else it is the Jacobian route,
+            with today's numbers bit for bit. If another ``backward`` follows in the same
+            window, that batch's rows are rebuilt into ``J`` and the window continues in the
+            Jacobian route, so accumulation combines the whole window as ``"jacobian"`` does.
+            Measured (``benchmarks/results/vs_torchjd.md``, one CPU thread): the Gramian route
+            takes 0.45–0.8× the Jacobian route's step on an MLP of width 1024 (batch 64,
+            K = 2–16) and 0.83–0.95× at width 256 for K ≥ 4; it is 1.0–1.05× at width 256,
+            K = 2, and slower on the convolutional and transformer trunks, where ``"auto"``
+            keeps ``J``.
         process_group: the ``torch.distributed`` group to average over; ``None`` = the default
             group when one is initialised (see "Distributed training" above).
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
@@ -117,7 +135,7 @@ class MTLOptimizer(Extensible, Optimizer):
         weighting: Weighting | None = None,
         shared: Iterable[Tensor] | None = None,
         nonfinite: Literal["skip", "raise"] = "skip",
-        route: Literal["jacobian", "gramian"] = "jacobian",
+        route: Literal["auto", "jacobian", "gramian"] = "auto",
         process_group: Any = None,
         **base_kwargs: Any,
     ) -> None:
@@ -133,8 +151,8 @@ class MTLOptimizer(Extensible, Optimizer):
             raise TypeError(f"weighting must be an mtl_optim.weighting instance, got {weighting!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if route not in ("jacobian", "gramian"):
-            raise ValueError(f"route must be 'jacobian' or 'gramian', got {route!r}")
+        if route not in ("auto", "jacobian", "gramian"):
+            raise ValueError(f"route must be 'auto', 'jacobian' or 'gramian', got {route!r}")
         if route == "gramian" and not isinstance(aggregator, GramianWeightedAggregator):
             raise ValueError(
                 "route='gramian' needs an aggregator that depends only on the Gramian "

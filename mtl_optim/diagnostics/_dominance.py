@@ -55,7 +55,7 @@ def unsupported(optimizer: Any) -> str | None:
         return f"the base {optimizer.base_class.__name__} is not Adam/AdamW"
     if not (optimizer.aggregator is None or isinstance(optimizer.aggregator, Sum)):
         return f"the aggregator {type(optimizer.aggregator).__name__} does not sum the tasks"
-    if optimizer.route != "jacobian":
+    if optimizer.route == "gramian":
         return "route='gramian' forms no per-task gradients"
     if optimizer.max_norm is not None:
         return "gradient clipping rescales the step after the per-task attribution"

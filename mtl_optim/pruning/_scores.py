@@ -38,8 +38,8 @@ class TaskScores(LayerMasks):
         from ``J``'s rows (shared layers) and the heads' ``.grad``."""
         if info.jacobian is None:
             raise ValueError(
-                "DiSparse needs the per-task gradient matrix: use the optimizer's default "
-                "route='jacobian' without features="
+                "DiSparse needs the per-task gradient matrix: use route='jacobian' or the "
+                "default 'auto' (which forms it for DiSparse's hook), without features="
             )
         k = info.jacobian.shape[0]
         if k != self.num_tasks:
