@@ -53,16 +53,26 @@ class PCGrad(Seeded, Aggregator):
         super().__init__(seed)
 
     def forward(self, jacobian: Tensor) -> Tensor:
-        return self.transform(jacobian).sum(dim=0)
+        # Σ_i ĝ_i = Σ_i (g_i - Σ_j C_ij g_j) = 1ᵀJ - (Cᵀ1)ᵀJ: two passes over J, where forming
+        # the K edited rows and summing them took three and a K×d temporary; without conflict
+        # (C = 0) the direction is still exactly the sum of the rows
+        k = jacobian.shape[0]
+        pulled = self.coefficients(self._gram(jacobian)).sum(dim=0)
+        direction = jacobian.sum(dim=0) - pulled.to(jacobian.dtype) @ jacobian
+        return direction / k if self.reduction == "mean" else direction
 
     def transform(self, jacobian: Tensor) -> Tensor:
         k = jacobian.shape[0]
+        coef = self.coefficients(self._gram(jacobian))
+        edited = jacobian - coef.to(jacobian.dtype) @ jacobian
+        return edited / k if self.reduction == "mean" else edited
+
+    @staticmethod
+    def _gram(jacobian: Tensor) -> Tensor:
         work = jacobian.detach()
         if work.dtype not in (torch.float32, torch.float64):
             work = work.float()
-        coef = self.coefficients(work @ work.T)
-        edited = jacobian - coef.to(jacobian.dtype) @ jacobian
-        return edited / k if self.reduction == "mean" else edited
+        return work @ work.T
 
     def coefficients(self, gram: Tensor) -> Tensor:
         r"""The ``(K, K)`` matrix :math:`C` with :math:`\hat g_i = g_i - \sum_j C_{ij} g_j`,
