@@ -143,8 +143,9 @@ def results_markdown(
             else "(resident set, Linux VmHWM)."
         )
         + (
-            f" The first seed of {' and '.join(reported)} also records an imbalance report "
-            "(per-task gradients at every step); s / epoch leaves those runs out."
+            f" The first seed of {' and '.join(reported)} also records an imbalance report: "
+            "per-task gradients at every step (equal weighting then sums K per-task gradients, "
+            "the single-pass gradient up to rounding); s / epoch leaves those runs out."
             if reported
             else ""
         )

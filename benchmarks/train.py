@@ -331,5 +331,6 @@ def sweep(
                     bar.update(ticks.get_nowait())
                 except queue.Empty:
                     break
-            bar.set_postfix_str(f"{len(plan) - len(pending)}/{len(plan)} runs")
+            if done:
+                bar.set_postfix_str(f"{len(plan) - len(pending)}/{len(plan)} runs")
     return results  # type: ignore[return-value]

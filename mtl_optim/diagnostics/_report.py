@@ -111,9 +111,12 @@ class ImbalanceReport:
     reverse passes instead of one. What it reads are the gradients of the objectives the method
     differentiates: with a loss weighting, row ``i`` is :math:`\nabla (w_i L_i)`. Numbers are
     taken once per ``step`` from the last ``backward`` before it (with gradient accumulation:
-    ``J`` of the whole window, the losses of its last micro-batch); a ``backward`` skipped for
-    a non-finite value records nothing. Without ``J`` (``features=``) the gradient columns are
-    NaN; the Gramian route supplies ``G`` directly.
+    ``J`` of the whole window, the losses of its last micro-batch). A ``backward`` skipped for
+    a non-finite value records nothing; if an earlier micro-batch of the same window was
+    finite, the skipped step is recorded with that micro-batch's numbers. Without ``J``
+    (``features=``) the gradient columns are NaN; the Gramian route supplies ``G`` directly.
+    Tracking dominance keeps a ``(K, d)`` array (two for Adam) and, with AdaTask, makes it take
+    its unfused update path, which materialises the per-task steps.
 
     Args:
         optimizer: an :class:`~mtl_optim.MTLOptimizer` (or ``AdaTask``).
@@ -155,7 +158,7 @@ class ImbalanceReport:
         self._n = 0
         self._k: int | None = None
         self._pending: GradientInfo | None = None
-        self._layers: dict[str, Tensor] | None = None  # frozen by detach()
+        self._layers: dict[str, Any] | None = None  # frozen by detach()
         self._handles = [
             optimizer.register_gradient_hook(self._on_backward, needs_jacobian=True),
             optimizer.register_step_pre_hook(lambda opt, *_: self._on_step()),
@@ -217,7 +220,7 @@ class ImbalanceReport:
         return state
 
     @staticmethod
-    def _layer_summary(tracker: TaskDominance) -> dict[str, Tensor] | None:
+    def _layer_summary(tracker: TaskDominance) -> dict[str, Any] | None:
         if tracker.au is None:
             return None
         layers = tracker.layers(_DOMINATED)
