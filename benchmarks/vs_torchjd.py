@@ -7,9 +7,10 @@ In one process, one thread, on identical models, batches and initial weights, fo
 number of tasks K and method, this times one full training step (``zero_grad``, forward, the
 multi-task backward, Adam's ``step``) of
 
-* **ours**: ``MTLOptimizer(base=Adam, aggregator=...)`` with its default route, or
-  ``AdaTask(base=Adam)``;
-* **ours, Gramian route**: ``route="gramian"`` (aggregators that depend only on the Gramian);
+* **ours**: ``MTLOptimizer(base=Adam, aggregator=...)`` with its default ``route="auto"``
+  (the table says which route it took), or ``AdaTask(base=Adam)``;
+* **ours, Jacobian / Gramian route**: ``route="jacobian"`` and ``route="gramian"``, for the
+  aggregators that depend only on the Gramian;
 * **TorchJD**: ``torchjd.autojac.mtl_backward(losses, features=z)`` then
   ``jac_to_grad(shared, aggregator)`` and ``Adam.step()``; for the AdaTask row the aggregator
   is UPGrad (TorchJD has no per-task optimizer state);
@@ -190,7 +191,7 @@ def variants(case: Case) -> list[str]:
     """The step variants measured for ``case``."""
     out = ["ours"]
     if case.method in GRAMIAN_METHODS:
-        out.append("ours-gramian")
+        out += ["ours-jacobian", "ours-gramian"]
     out.append("torchjd")
     if case.method != "Nash-MTL" and case.model != "convbn":
         out.append("autogram")
@@ -202,33 +203,45 @@ def _losses(outs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
     return [nn.functional.mse_loss(o, y) for o, y in zip(outs, ys)]
 
 
-def make_step(case: Case, variant: str) -> Callable[[], None]:
+class Step:
+    """One training step of a variant (callable); ``route`` says which route ours took."""
+
+    def __init__(self, run: Callable[[], str | None]) -> None:
+        self._run = run
+        self.route: str | None = None
+
+    def __call__(self) -> None:
+        self.route = self._run()
+
+
+def make_step(case: Case, variant: str) -> Step:
     """A fresh model and optimizer for ``variant`` and a function running one training step."""
     model, x = build_model(case.model, case.k)
     g = torch.Generator().manual_seed(1)
     ys = [torch.randn(x.shape[0], OUT_DIM, generator=g) for _ in range(case.k)]
     shared = [p for p in model.trunk.parameters() if p.requires_grad]
 
-    if variant in ("ours", "ours-gramian"):
+    if variant.startswith("ours"):
         if case.method == "AdaTask":
             opt = mtl_optim.AdaTask(model.parameters(), base=torch.optim.Adam, lr=LR)
         else:
-            route = {"ours-gramian": {"route": "gramian"}}.get(variant, {})
             opt = mtl_optim.MTLOptimizer(
                 model.parameters(),
                 base=torch.optim.Adam,
                 aggregator=ours_aggregator(case.method),
                 lr=LR,
-                **route,
+                route={"ours": "auto", "ours-jacobian": "jacobian"}.get(variant, "gramian"),
             )
 
-        def step() -> None:
+        def ours() -> str:
             opt.zero_grad()
             _, outs = model(x)
             opt.backward(_losses(outs, ys))
+            route = "Jacobian" if opt._engine.jacobian is not None else "Gramian"
             opt.step()
+            return route
 
-        return step
+        return Step(ours)
 
     adam = torch.optim.Adam(model.parameters(), lr=LR)
     if variant == "adam":  # the single-objective baseline of the memory table
@@ -239,7 +252,7 @@ def make_step(case: Case, variant: str) -> Callable[[], None]:
             sum(_losses(outs, ys)).backward()
             adam.step()
 
-        return step
+        return Step(step)
 
     if variant == "torchjd":
         agg = torchjd_aggregator(case.method, case.k)
@@ -251,7 +264,7 @@ def make_step(case: Case, variant: str) -> Callable[[], None]:
             jac_to_grad(shared, agg)
             adam.step()
 
-        return step
+        return Step(step)
 
     if variant == "autogram":
         engine = Engine(model.trunk, batch_dim=None)
@@ -265,7 +278,7 @@ def make_step(case: Case, variant: str) -> Callable[[], None]:
             losses.backward(weights)
             adam.step()
 
-        return step
+        return Step(step)
 
     if variant == "loop":
         agg = ours_aggregator(case.method)
@@ -293,7 +306,7 @@ def make_step(case: Case, variant: str) -> Callable[[], None]:
                 torch.nn.utils.clip_grad_norm_(shared, agg.max_norm)
             adam.step()
 
-        return step
+        return Step(step)
 
     raise ValueError(f"unknown variant {variant!r}")
 
@@ -367,7 +380,7 @@ def measure(case: Case, budget_s: float, max_repeat: int, memory: bool, clock: s
     repeat = max(5, min(max_repeat, int(budget_s / max(sum(once.values()), 1e-6))))
     times = interleaved(steps, repeat, CLOCKS[clock])
     mem = {name: peak_mb(case, name) for name in ["adam", *names]} if memory else {}
-    return {"times": times, "repeat": repeat, "memory": mem}
+    return {"times": times, "repeat": repeat, "memory": mem, "route": steps["ours"].route}
 
 
 def _ms(t: float | None) -> str:
@@ -398,9 +411,10 @@ def tables(cases: list[Case], results: dict[Case, dict]) -> tuple[str, str, list
                 _ms(t["ours"]),
                 _ms(t["torchjd"]),
                 f"**{ratio:.2f}**" if ratio <= 0.9 else f"{ratio:.2f} ✗",
+                results[case]["route"] or "—",
                 _ratio(t["ours"], t.get("autogram")),
                 _ratio(t["ours"], t["loop"]),
-                _ratio(t.get("ours-gramian"), t["torchjd"]),
+                _ratio(t.get("ours-gramian"), t.get("ours-jacobian")),
                 results[case]["repeat"],
             ]
         )
@@ -409,7 +423,15 @@ def tables(cases: list[Case], results: dict[Case, dict]) -> tuple[str, str, list
                 [case.model, case.k, case.method]
                 + [
                     _mb(m.get(v))
-                    for v in ("adam", "ours", "ours-gramian", "torchjd", "autogram", "loop")
+                    for v in (
+                        "adam",
+                        "ours",
+                        "ours-jacobian",
+                        "ours-gramian",
+                        "torchjd",
+                        "autogram",
+                        "loop",
+                    )
                 ]
             )
     timing = markdown_table(
@@ -420,9 +442,10 @@ def tables(cases: list[Case], results: dict[Case, dict]) -> tuple[str, str, list
             "ours ms",
             "TorchJD ms",
             "ours / TorchJD",
+            "route taken",
             "ours / autogram",
             "ours / loop",
-            "Gramian route / TorchJD",
+            "Gramian / Jacobian route",
             "rounds",
         ],
         timing_rows,
@@ -434,7 +457,8 @@ def tables(cases: list[Case], results: dict[Case, dict]) -> tuple[str, str, list
             "method",
             "Adam on the sum",
             "ours",
-            "ours, Gramian route",
+            "Jacobian route",
+            "Gramian route",
             "TorchJD",
             "autogram",
             "loop",
