@@ -38,9 +38,10 @@ memory: the ``(K, d_r)`` block of ``J``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -50,16 +51,21 @@ from .engine import TaskGradients, gramian, reachable_params
 
 __all__ = ["ShardedTaskGradients", "is_sharded", "make_engine"]
 
-try:  # torch.distributed may be missing from a build (then nothing is ever sharded)
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - builds without torch.distributed
-    DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
-
 
 def is_sharded(tensor: Any) -> bool:
-    """Is ``tensor`` a ``DTensor`` (a parameter or gradient managed by FSDP2)?"""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    """Is ``tensor`` a ``DTensor`` (a parameter or gradient managed by FSDP2)?
+
+    A ``DTensor`` exists only once ``torch.distributed.tensor`` was imported, so this looks the
+    class up there and imports nothing: ``import mtl_optim`` does not pay for importing it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _dtensor() -> tuple[Any, Any]:
+    """``DTensor`` and ``Shard``, imported when a sharded model is in use."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor, Shard
 
 
 def make_engine(param_groups: Sequence[dict]) -> TaskGradients:
@@ -79,7 +85,8 @@ def _local(p: Tensor) -> Tensor:
 
 def _like(p: Tensor, local: Tensor) -> Tensor:
     """A ``DTensor`` laid out like parameter ``p`` (same mesh, placements, global shape)."""
-    return DTensor.from_local(
+    dtensor, _ = _dtensor()
+    return dtensor.from_local(
         local.view(_local(p).shape),
         p.device_mesh,
         p.placements,
@@ -92,10 +99,11 @@ def _like(p: Tensor, local: Tensor) -> Tensor:
 def _stacked(p: Tensor, local: Tensor, k: int) -> Tensor:
     """A ``(K, *p.shape)`` ``DTensor`` sharded like ``p`` one dim further (per-task state)."""
     shape = (k, *p.shape)
-    return DTensor.from_local(
+    dtensor, shard = _dtensor()
+    return dtensor.from_local(
         local.reshape(k, *_local(p).shape),
         p.device_mesh,
-        [Shard(1)],
+        [shard(1)],
         run_check=False,
         shape=torch.Size(shape),
         stride=torch.empty(shape, device="meta").stride(),
@@ -131,9 +139,9 @@ class ShardedTaskGradients(TaskGradients):
     :math:`\\sum_i c_i \\nabla L_i` from the same K passes.
     """
 
-    STRATEGIES = ("loop",)
+    STRATEGIES: tuple[str, ...] = ("loop",)
 
-    def __init__(self, strategy: str = "loop") -> None:
+    def __init__(self, strategy: Literal["loop"] = "loop") -> None:
         super().__init__(strategy)
         self.specific: list[Tensor] = []  # sharded parameters that are not shared
         self._group: Any = None  # the mesh's process group
@@ -182,7 +190,7 @@ class ShardedTaskGradients(TaskGradients):
             for p in g["params"]:
                 if not is_sharded(p) or not p.requires_grad:
                     continue
-                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (_dtensor()[1](0),):
                     raise ValueError(
                         f"a parameter has placements {tuple(p.placements)} on a "
                         f"{p.device_mesh.ndim}-D mesh; mtl_optim supports fully_shard on a 1-D "
@@ -371,7 +379,8 @@ class ShardedTaskGradients(TaskGradients):
                 for j, p in enumerate(self.specific):
                     if p.grad is not None:
                         g = p.grad.to_local() * coeff[i]
-                        sums[j] = g if sums[j] is None else sums[j].add_(g)
+                        previous = sums[j]
+                        sums[j] = g if previous is None else previous.add_(g)
                 for p in params:
                     p.grad = None
         finally:
@@ -450,6 +459,7 @@ class ShardedTaskGradients(TaskGradients):
         if isinstance(agg, GradDrop):
             work = jacobian.detach()
             dtype = work.dtype if work.dtype in (torch.float32, torch.float64) else torch.float32
+            assert self._index is not None  # set with the shared layout
             if self._index.device != work.device:
                 self._index = self._index.to(work.device)
             draw = agg.draw(self._global_dim, dtype, work.device)
@@ -474,7 +484,7 @@ class ShardedTaskGradients(TaskGradients):
         """Per-task state laid out along this rank's columns (AdaTask's ``task_state`` and
         ``parked``) becomes one ``(K, *p.shape)`` ``DTensor`` per parameter, so that
         ``torch.distributed.checkpoint`` saves every rank's part (and can reshard it)."""
-        if "task_state" not in mtl or self.shared is None:
+        if "task_state" not in mtl or self.shared is None or self.num_tasks is None:
             return mtl
         k = self.num_tasks
         index = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
