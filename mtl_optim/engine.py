@@ -77,7 +77,7 @@ class TaskGradients:
     vmap does not.
     """
 
-    STRATEGIES = ("loop", "batched")
+    STRATEGIES: tuple[str, ...] = ("loop", "batched")
     #: the last :meth:`gramian` call's pass: what combines the tasks' gradients afterwards
     gramian_pass: GramianPass | None = None
 
