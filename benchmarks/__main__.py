@@ -55,9 +55,9 @@ FULL_DATASETS = ("multidigits", "multimnist", "census-wide")
 
 # The main job's budgets, chosen by measurement: short, yet the methods' Δm differ by more than
 # the seed-to-seed spread (the paired comparison under each table marks which). With 3 seeds and
-# the ten default methods they take about 60 (MultiDigits) and 200 (MultiMNIST: the first 8000
-# training images, 5000 validation / test images) CPU seconds on this machine's cores, spread
-# over two worker processes.
+# the ten default methods they took 56-64 (MultiDigits) and 228-246 (MultiMNIST: the first 8000
+# training images, 5000 validation / test images) CPU seconds, loading and plots included, on a
+# shared 2-core machine; the whole job 297-307 CPU seconds, about 2.5 minutes of two cores.
 BUDGETS = {
     "multidigits": Budget(epochs=4, batch_size=64, lr=1e-3),
     "multimnist": Budget(epochs=3, batch_size=128, lr=1e-3, n_train=8000, n_eval=5000),
