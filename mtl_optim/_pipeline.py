@@ -189,7 +189,9 @@ class Pipeline:
         """The aggregator's direction, recording its row weights where it has them."""
         opt = self._opt
         agg = opt.aggregator
-        if agg is None:
+        if agg is None:  # equal weights, as the single-pass route reports them
+            if opt.guard.last_weights is None:
+                opt.guard.set_weights(torch.ones(jacobian.shape[0], device=jacobian.device))
             return jacobian.sum(0)
         if isinstance(agg, WeightedAggregator):
             return self.row_weights(agg, jacobian) @ jacobian

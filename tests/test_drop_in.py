@@ -505,3 +505,34 @@ def test_a_zero_dimensional_shared_parameter_trains_like_a_one_element_one():
         assert [id(p) for p in opt.shared_params] == [id(scale)]
         results.append(scale.detach().reshape(()))
     assert torch.equal(results[0], results[1])
+
+
+def test_a_gradient_hook_without_a_method_sees_the_rows_and_equal_weights():
+    model = make_model(2)
+    ref = clone(model)
+    x, ys = batches(2, 1)[0]
+    opt = mtl_optim.MTLOptimizer(model.parameters(), base=torch.optim.SGD, lr=0.1)
+    seen = []
+    handle = opt.register_gradient_hook(lambda o, info: seen.append(info.jacobian.clone()))
+    opt.backward(model.losses(x, ys))
+    trunk = list(ref.trunk.parameters())
+    rows = [torch.cat([g.reshape(-1) for g in gs]) for gs in _task_grads(ref, x, ys, trunk)]
+    torch.testing.assert_close(seen[0], torch.stack(rows))
+    assert torch.equal(opt.last_weights, torch.ones(2))
+    handle.remove()
+    opt.zero_grad()
+    opt.backward(model.losses(x, ys))
+    assert len(seen) == 1 and torch.equal(opt.last_weights, torch.ones(2))
+
+
+def test_an_adatask_observer_handle_detaches_it():
+    model = make_model(2)
+    opt = mtl_optim.AdaTask(model.parameters(), lr=0.01)
+    calls = []
+    handle = opt.add_observer(lambda s, steps: calls.append(steps.shape))
+    data = batches(2, 2)
+    _train(model, opt, data, steps=1)
+    assert calls == [(2, sum(p.numel() for p in model.trunk.parameters()))]
+    handle.remove()
+    _train(model, opt, data[1:])
+    assert len(calls) == 1

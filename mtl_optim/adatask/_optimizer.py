@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -76,7 +77,8 @@ class AdaTask(MTLOptimizer):
         # per-task state of parameters that left the shared set (frozen), by id
         self._parked: dict[int, dict[str, Tensor]] = {}
         self._task_grads: Tensor | None = None
-        self._observers: list[Callable[[GroupSlice, Tensor], None]] = []
+        # an OrderedDict: the RemovableHandle that add_observer returns keeps a weak reference
+        self._observer_hooks: OrderedDict[int, Callable[[GroupSlice, Tensor], None]] = OrderedDict()
         super().__init__(params, base, **kwargs)
 
     def check_param_group(self, group: dict[str, Any]) -> None:
@@ -109,7 +111,7 @@ class AdaTask(MTLOptimizer):
 
     def _fused_for(self, s: GroupSlice, grads: Tensor) -> bool:
         """Run group slice ``s`` through the Triton kernel (see the module docstring)?"""
-        if self.fused is False or self._observers:
+        if self.fused is False or self._observer_hooks:
             return False
         if self.fused:
             return True
@@ -223,12 +225,12 @@ class AdaTask(MTLOptimizer):
             if self._fused_for(s, grads):
                 _kernel(self._kernel)(group, grads, s.params, state)
                 continue
-            if self._observers or not all(p.is_contiguous() for p in s.params):
+            if self._observer_hooks or not all(p.is_contiguous() for p in s.params):
                 steps, alpha = self._rule(group, grads, s.params, state, k)
                 update = steps.sum(0)
                 views = [v.to(p.dtype) for v, p in zip(s.split(update), s.params)]
                 torch._foreach_add_(list(s.params), views, alpha=alpha)
-                for observe in self._observers:
+                for observe in list(self._observer_hooks.values()):
                     observe(s, steps if alpha == 1.0 else steps * alpha)
                 continue
             chunked_update(self._rule, group, grads, s.params, state, k)
@@ -292,9 +294,16 @@ class AdaTask(MTLOptimizer):
         }
         self._task_grads = None
 
-    def add_observer(self, observer: Callable[[GroupSlice, Tensor], None]) -> None:
-        """Call ``observer(slice, U)`` after each step with the ``(K, n)`` per-task updates."""
-        self._observers.append(observer)
+    def add_observer(
+        self, observer: Callable[[GroupSlice, Tensor], None]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Call ``observer(slice, U)`` after each step with the ``(K, n)`` per-task updates.
+
+        While an observer is attached the torch rules run (only they form the per-task steps);
+        ``handle.remove()`` detaches it and lets the fused kernels run again."""
+        handle = torch.utils.hooks.RemovableHandle(self._observer_hooks)
+        self._observer_hooks[handle.id] = observer
+        return handle
 
 
 def _columns(state: dict[str, Tensor], offset: int, n: int) -> dict[str, Tensor]:

@@ -103,7 +103,7 @@ class TaskDominance:
         self._handles: list[Any] = []
         self._active = True
         if isinstance(optimizer, AdaTask):
-            optimizer.add_observer(self._from_adatask)
+            self._handles = [optimizer.add_observer(self._from_adatask)]
         else:
             self._handles = [
                 optimizer.register_gradient_hook(self._capture, needs_jacobian=True),
@@ -189,9 +189,9 @@ class TaskDominance:
         return out
 
     def remove(self) -> None:
-        """Stop tracking; the recorded ``au`` stays readable. An ``MTLOptimizer`` loses the
-        hooks (and the per-task gradients they asked for); ``AdaTask`` keeps calling the
-        observer, which then returns at once."""
+        """Stop tracking; the recorded ``au`` stays readable. The optimizer loses the hooks:
+        an ``MTLOptimizer`` no longer forms the per-task gradients they asked for, and
+        ``AdaTask`` may run its fused kernels again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
