@@ -201,6 +201,8 @@ def _role(
     spec = _LINEAR_NODES.get(type(node).__name__)
     if spec is None or p.dtype != dtype or p.layout != torch.strided:
         return None
+    if getattr(p, "_backward_hooks", None):  # p.register_hook: autograd must run the hooks
+        return None
     weight_pos, bias_pos, saved = spec
     try:
         if type(node).__name__ == "AddmmBackward0" and (

@@ -172,3 +172,15 @@ def test_gramian_pass_frees_the_graph():
     GramianPass(losses, shared, F32)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(losses[-1], shared)
+
+
+def test_a_hook_on_a_shared_weight_still_runs():
+    losses, shared = Trunks.mlp()
+    handle = shared[2].register_hook(lambda g: 3 * g)  # the second layer's weight
+    plan = Plan(losses, shared, F32)
+    assert 2 in plan.generic  # autograd computes it, running the hook
+    want = autograd_rows(losses, shared)
+    got = torch.empty_like(want)
+    fill_jacobian(losses, shared, got, retain_graph=True)
+    assert torch.equal(got, want)
+    handle.remove()
