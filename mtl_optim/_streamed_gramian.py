@@ -221,13 +221,32 @@ def _role(
     return None
 
 
+# The plan route="auto" made its decision with, kept for the route it then runs on the same
+# losses (one graph walk per backward instead of two); whoever uses it drops it.
+_decided: tuple[tuple[Any, ...], tuple[int, ...], torch.dtype, Plan] | None = None
+
+
+def _plan(losses: Sequence[Tensor], shared: Sequence[Tensor], dtype: torch.dtype) -> Plan:
+    """The plan of these losses: the one ``prefers_gramian`` just made for them, or a new one."""
+    global _decided
+    kept, _decided = _decided, None
+    if kept is not None:
+        nodes, ids, kept_dtype, plan = kept
+        same = len(nodes) == len(losses) and all(
+            a is loss.grad_fn for a, loss in zip(nodes, losses)
+        )
+        if same and kept_dtype == dtype and ids == tuple(id(p) for p in shared):
+            return plan
+    return Plan(losses, shared, dtype)
+
+
 @torch.no_grad()
 def fill_jacobian(
     losses: Sequence[Tensor], shared: Sequence[Tensor], out: Tensor, retain_graph: bool
 ) -> None:
     """The Jacobian route's K reverse passes: row ``i`` of ``out`` (``K × d``) gets
     :math:`\\nabla L_i`; Linear weights straight from :math:`\\delta_i^\\top X`."""
-    plan = Plan(losses, shared, out.dtype)
+    plan = _plan(losses, shared, out.dtype)
     for t, (deltas, grads) in enumerate(plan.passes(losses, retain_graph)):
         row = out[t]
         for i, g in zip(plan.generic, grads):
@@ -258,7 +277,7 @@ class GramianPass:
         dtype: torch.dtype,
         retain_graph: bool = False,
     ) -> None:
-        plan = self.plan = Plan(losses, shared, dtype)
+        plan = self.plan = _plan(losses, shared, dtype)
         k = self.num_tasks = len(losses)
         device = self.device = shared[0].device if shared else losses[0].device
         self.dtype = dtype
@@ -413,12 +432,14 @@ def prefers_gramian(
     the available memory while the Gramian route needs at most half as much."""
     if not shared or dtype is None:
         return False
+    global _decided
     plan = Plan(losses, shared, dtype)
+    _decided = (tuple(loss.grad_fn for loss in losses), tuple(id(p) for p in shared), dtype, plan)
     k = len(losses)
     jacobian, gram = route_costs(plan, k)
     if gram < jacobian:
         return True
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     j_bytes = k * plan.dim * itemsize
     if j_bytes < _J_MEMORY_FLOOR:
         return False
