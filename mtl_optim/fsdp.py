@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ._sharded import _like, _stacked, is_sharded
+from ._sharded_layout import is_sharded, like, stacked
 
 __all__ = ["optimizer_template"]
 
@@ -85,10 +85,10 @@ def _tensor(path: tuple, meta: Any, flat: list[torch.Tensor]) -> torch.Tensor:
     if param is not None and is_sharded(param):
         shape = tuple(param.to_local().shape)
         if size == tuple(param.shape):
-            return _like(param, torch.zeros(shape, dtype=dtype, device=param.device))
+            return like(param, torch.zeros(shape, dtype=dtype, device=param.device))
         if size[1:] == tuple(param.shape):
             local = torch.zeros((size[0], *shape), dtype=dtype, device=param.device)
-            return _stacked(param, local, size[0])
+            return stacked(param, local, size[0])
     return torch.zeros(size, dtype=dtype)
 
 
