@@ -142,7 +142,8 @@ class Plan:
         """Run the K reverse passes: yield, per task, its output gradients at the Linear nodes
         (``None`` where the task does not reach one) and its gradients of the generic
         parameters."""
-        inputs = [*self.edges, *(self.shared[i] for i in self.generic)]
+        # GradientEdges and tensors side by side, which autograd accepts (its hints do not)
+        inputs: Any = [*self.edges, *(self.shared[i] for i in self.generic)]
         n_edges = len(self.edges)
         last = len(losses) - 1
         for t, loss in enumerate(losses):
@@ -162,13 +163,19 @@ class Plan:
             delta = deltas[use.consumer]
             if delta is None:
                 continue
+            x = self.inputs[use.consumer]
             if use.bias:
                 part = delta.sum_to_size(p.shape)
-                out.copy_(part) if first else out.add_(part)
+                if first:
+                    out.copy_(part)
+                else:
+                    out.add_(part)
+            elif x is None:  # a weight use always has its input (see _role)
+                raise AssertionError("a Linear weight's input is missing")
             elif first:  # autograd's own product for W.t(): grad.t().mm(mat1), transposed back
-                torch.mm(delta.t(), self.inputs[use.consumer], out=out)
+                torch.mm(delta.t(), x, out=out)
             else:
-                out.add_(torch.mm(delta.t(), self.inputs[use.consumer]))
+                out.add_(torch.mm(delta.t(), x))
             first = False
         if first:
             out.zero_()
@@ -367,7 +374,11 @@ class GramianPass:
 
 def _rows(plan: Plan, i: int) -> int:
     """The number of input rows ``N`` a Linear weight sees (over all its uses)."""
-    return sum(plan.inputs[u.consumer].shape[0] for u in plan.linear[i])  # type: ignore[union-attr]
+    rows = 0
+    for use in plan.linear[i]:
+        x = plan.inputs[use.consumer]
+        rows += 0 if x is None else x.shape[0]
+    return rows
 
 
 def _trick_cost(plan: Plan, i: int, k: int) -> int | None:
