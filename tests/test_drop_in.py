@@ -73,6 +73,9 @@ MAKERS = {
     "AdaTask": lambda ps: mtl_optim.AdaTask(ps, lr=0.01),
     "PCGrad": lambda ps: mtl_optim.MTLOptimizer(ps, aggregator=aggregators.PCGrad(seed=0), lr=0.01),
     "UPGrad": lambda ps: mtl_optim.MTLOptimizer(ps, aggregator=aggregators.UPGrad(), lr=0.01),
+    "Uncertainty+MGDA": lambda ps: mtl_optim.MTLOptimizer(
+        ps, weighting=weighting.Uncertainty(3), aggregator=aggregators.MGDA(), lr=0.01
+    ),
 }
 
 
