@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         budget_s, max_repeat = 0.5, 8
     else:
         models, ks, methods = MODELS, KS, METHODS
-        budget_s, max_repeat = 2.5, 25
+        budget_s, max_repeat = 3.5, 40
     models = args.models.split(",") if args.models else models
     ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else ks
     methods = args.methods.split(",") if args.methods else methods
