@@ -141,6 +141,22 @@ class Pipeline:
             )
         return features
 
+    def redetect(self, losses: list[Tensor], joined: bool, given: list[Tensor] | None) -> None:
+        """The trainable set changed (``requires_grad`` flipped, a group added): find the shared
+        parameters again. Per-task state of parameters that stay shared is kept; parameters
+        that become shared start fresh; frozen ones keep their state for when they return."""
+        opt = self._opt
+        if opt._engine.jacobian is not None:
+            raise ValueError(
+                "the set of trainable parameters changed (requires_grad or add_param_group) in "
+                "the middle of an accumulation window; call step() or zero_grad() first"
+            )
+        shared = opt._engine.detect(losses, opt.param_groups, given, joined)
+        cohorts = opt.shared_set_changing(shared)
+        opt._engine.set_shared(opt.param_groups, shared, cohorts)
+        opt._layout = opt._param_layout()
+        opt.shared_set_changed()
+
     # --- stage 1: objectives ----------------------------------------------------------------
     def objectives(self, losses: list[Tensor], values: Tensor) -> tuple[Tensor | None, Tensor]:
         r"""Apply the weighting by the chain rule.

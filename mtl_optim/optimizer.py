@@ -372,7 +372,7 @@ class MTLOptimizer(Extensible, Optimizer):
             self._layout = self._param_layout()
             replicas.broadcast_state([self.aggregator, self.weighting])
         elif self._param_layout() != self._layout:
-            self._redetect(losses, joined)
+            self._pipeline.redetect(losses, joined, self._shared_arg)
         if scaler is not None and scaler.is_enabled():
             one = torch.ones((), dtype=torch.float32, device=losses[0].device)
             self._scale = scaler.scale(one)
@@ -392,21 +392,6 @@ class MTLOptimizer(Extensible, Optimizer):
         return tuple(
             tuple((id(p), p.requires_grad) for p in g["params"]) for g in self.param_groups
         )
-
-    def _redetect(self, losses: list[Tensor], joined: bool) -> None:
-        """The trainable set changed (``requires_grad`` flipped, a group added): find the shared
-        parameters again. Per-task state of parameters that stay shared is kept; parameters
-        that become shared start fresh; frozen ones keep their state for when they return."""
-        if self._engine.jacobian is not None:
-            raise ValueError(
-                "the set of trainable parameters changed (requires_grad or add_param_group) in "
-                "the middle of an accumulation window; call step() or zero_grad() first"
-            )
-        shared = self._engine.detect(losses, self.param_groups, self._shared_arg, joined)
-        cohorts = self.shared_set_changing(shared)
-        self._engine.set_shared(self.param_groups, shared, cohorts)
-        self._layout = self._param_layout()
-        self.shared_set_changed()
 
     def _replicas_(self) -> Replicas:
         if self._replicas is None:
