@@ -109,11 +109,13 @@ class MTLOptimizer(Extensible, Optimizer):
             with today's numbers bit for bit. If another ``backward`` follows in the same
             window, that batch's rows are rebuilt into ``J`` and the window continues in the
             Jacobian route, so accumulation combines the whole window as ``"jacobian"`` does.
-            Measured (``benchmarks/results/vs_torchjd.md``, one CPU thread): the Gramian route
-            takes 0.45–0.8× the Jacobian route's step on an MLP of width 1024 (batch 64,
-            K = 2–16) and 0.83–0.95× at width 256 for K ≥ 4; it is 1.0–1.05× at width 256,
-            K = 2, and slower on the convolutional and transformer trunks, where ``"auto"``
-            keeps ``J``.
+            Measured (``benchmarks/results/vs_torchjd.md``, one CPU thread, batch 64): the
+            Gramian route takes 0.49–0.84× the Jacobian route's step on an MLP of width 1024
+            (K = 2–16) and 0.83–0.93× at width 256 for K ≥ 4, where ``"auto"`` takes it; it
+            is 1.01–1.06× at width 256 with K = 2, 0.98–1.05× on a Conv+BatchNorm trunk and
+            1.14–1.25× on a transformer block (512 token rows), where ``"auto"`` keeps ``J``.
+            At width 1024 and K = 8–16 its memory growth over a plain Adam step is under half
+            the Jacobian route's.
         process_group: the ``torch.distributed`` group to average over; ``None`` = the default
             group when one is initialised (see "Distributed training" above).
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
