@@ -89,33 +89,16 @@ class MTLOptimizer(Extensible, Optimizer):
         route: how shared gradients are formed when an aggregator is set.
             ``"jacobian"`` stores the ``(K, d)`` per-task gradients ``J`` and combines them.
             ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeightedAggregator`
-            aggregators) never stores ``J``: the K reverse passes stop at the outputs of the
-            Linear layers, whose Gramian comes from their inputs and output gradients
-            (:math:`\langle \delta_i^\top X, \delta_j^\top X\rangle =
-            \langle \delta_i, XX^\top\delta_j\rangle`, no per-task weight gradient formed) or
-            from their rows one layer at a time; other parameters' rows come from the passes
-            (:mod:`mtl_optim._streamed_gramian`). The weights ``w`` then combine the kept
-            output gradients into :math:`\sum_i w_i \nabla o_i` without a second backward.
-            Calling ``backward`` several times before ``step`` combines each call's batch on
-            its own (weights per micro-batch) and adds the results.
-            ``"auto"`` (default) takes the Gramian route where it is legal and pays: an
-            aggregator of the Gramian alone, no per-task state (AdaTask), no weighting or
-            gradient hook that needs ``J``, no subclass replacing the combination, one process,
-            the first ``backward`` of a window and no accumulation seen before; and its
-            estimated cost is lower — Linear layers whose batch rows ``N`` are few against
-            their width (roughly ``N`` under half their input size) hold most of the shared
-            parameters — or ``J`` would take more than a quarter of the free memory while the
-            Gramian route needs at most half as much. Everywhere else it is the Jacobian route,
-            with today's numbers bit for bit. If another ``backward`` follows in the same
-            window, that batch's rows are rebuilt into ``J`` and the window continues in the
-            Jacobian route, so accumulation combines the whole window as ``"jacobian"`` does.
-            Measured (``benchmarks/results/vs_torchjd.md``, one CPU thread, batch 64): the
-            Gramian route takes 0.49–0.84× the Jacobian route's step on an MLP of width 1024
-            (K = 2–16) and 0.83–0.93× at width 256 for K ≥ 4, where ``"auto"`` takes it; it
-            is 1.01–1.06× at width 256 with K = 2, 0.98–1.05× on a Conv+BatchNorm trunk and
-            1.14–1.25× on a transformer block (512 token rows), where ``"auto"`` keeps ``J``.
-            At width 1024 and K = 8–16 its memory growth over a plain Adam step is under half
-            the Jacobian route's.
+            aggregators) never stores ``J``: Linear layers give their Gramian
+            :math:`\langle \delta_i, XX^\top\delta_j\rangle` from inputs and output gradients
+            (:mod:`mtl_optim._streamed_gramian`), and the weights combine the kept output
+            gradients without a second backward; several ``backward`` calls before ``step``
+            then combine each batch on its own. ``"auto"`` (default) takes the Gramian route
+            where that is legal (a Gramian aggregator, no per-task state, nothing that needs
+            ``J``, one process, the first ``backward`` of a window) and cheaper or ``J`` would
+            not fit a quarter of the free memory, else the Jacobian route with its numbers bit
+            for bit (measured crossover: docs/design.md, "Routes";
+            ``benchmarks/results/vs_torchjd.md``).
         process_group: the ``torch.distributed`` group to average over; ``None`` = the default
             group when one is initialised (see "Distributed training" above).
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
