@@ -231,23 +231,23 @@ class Pipeline:
         if opt.guard.last_weights is None:
             opt.guard.set_weights(torch.ones(opt._engine.num_tasks, device=total.device))
 
-    def heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> bool:
-        """The task-specific parameters' gradients, in one reverse pass."""
+    def heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+        """The task-specific parameters' gradients, in one reverse pass (checked by the caller,
+        together with the shared ones: one host sync per ``backward``)."""
         if inputs:
             torch.autograd.backward(heads_loss, inputs=inputs, retain_graph=True)
             self.mean_grads(inputs)
-        return self._opt.guard.check([p.grad for p in inputs if p.grad is not None], "gradient")
+        return [p.grad for p in inputs if p.grad is not None]
 
     def jacobian_route(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor) -> None:
         opt, engine = self._opt, self._opt._engine
-        if not self.heads(heads_loss, engine.task_specific):
-            return
+        heads = self.heads(heads_loss, engine.task_specific)
         if self.external is None:  # first backward of this window
             self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
         separable = opt.weighting is not None and opt.weighting.separable
         row_mix = mix.diagonal() if mix is not None and separable else mix
         jacobian = engine.compute(losses, mix=row_mix)
-        if not opt.guard.check([jacobian], "gradient"):
+        if not opt.guard.check([*heads, jacobian], "gradient"):
             return
         jacobian = self.unscale(jacobian)
         if opt._weighting_needs_j:
@@ -258,14 +258,13 @@ class Pipeline:
         """The Gramian from the K reverse passes (no ``J``), the weights, and their combination
         of the tasks' gradients from what the passes kept (no second reverse pass)."""
         opt, engine = self._opt, self._opt._engine
-        if not self.heads(heads_loss, engine.task_specific):
-            return
+        heads = self.heads(heads_loss, engine.task_specific)
         auto = opt.route == "auto"
         if auto:  # another backward of this window would continue in J (see run)
             self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
         gram = engine.gramian(losses)
         kept, engine.gramian_pass = engine.gramian_pass, None
-        if not opt.guard.check([gram], "gradient"):
+        if not opt.guard.check([*heads, gram], "gradient"):
             return
         if opt._scale is not None:
             gram = gram / opt._scale.to(gram) ** 2
@@ -302,11 +301,11 @@ class Pipeline:
             self._upstream = set().union(*(reachable_params(z) for z in zs))
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         above = [p for p in params if id(p) in self._upstream]
-        if not self.heads(heads_loss, [p for p in params if id(p) not in self._upstream]):
-            return
+        heads = self.heads(heads_loss, [p for p in params if id(p) not in self._upstream])
         grads_z = opt._engine.representation(losses, zs)
         replicas = opt._replicas_()
-        if not replicas.active and not opt.guard.check([grads_z], "gradient"):
+        # across ranks grads_z differs per rank: it is checked through the summed Gramian
+        if not opt.guard.check(heads if replicas.active else [*heads, grads_z], "gradient"):
             return
         grads_z = self.unscale(grads_z)
         if mix is not None:
