@@ -115,3 +115,25 @@ def report(name: str, title: str, table: str, notes: str = "", quick: bool = Fal
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}{'-quick' if quick else ''}.md").write_text(text)
+
+
+def cuda_event_times(
+    fns: dict[str, Callable[[], object]], warmup: int, repeat: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function from CUDA events, interleaved round by round (the
+    order rotates, so that drift affects every variant alike), after ``warmup`` rounds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    torch.cuda.synchronize()
+    events: dict[str, list] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: [s.elapsed_time(e) / 1e3 for s, e in pairs] for name, pairs in events.items()}

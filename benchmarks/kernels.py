@@ -46,7 +46,7 @@ from mtl_optim.adatask.rules import chunked_update
 from mtl_optim.adatask.rules import rmsprop as _rmsprop
 from mtl_optim.engine import gramian as engine_gramian
 
-from ._timing import markdown_table, report, time_fns
+from ._timing import cuda_event_times, markdown_table, report, time_fns
 
 # parameter shapes of one "layer", cycled until n elements: matrices and their biases
 _LAYER = [(1024, 1024), (1024,), (4096, 1024), (4096,), (1024, 4096), (1024,), (1024,)]
@@ -123,23 +123,9 @@ def _time_cuda(
     fns: dict[str, Callable[[], object]], warmup: int, repeat: int
 ) -> dict[str, tuple[float, float]]:
     """``(median, IQR)`` seconds per function from CUDA events, interleaved round by round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    torch.cuda.synchronize()
-    events: dict[str, list] = {name: [] for name in names}
-    for r in range(repeat):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[name]()
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
     out = {}
-    for name, pairs in events.items():
-        times = sorted(s.elapsed_time(e) / 1e3 for s, e in pairs)
+    for name, seconds in cuda_event_times(fns, warmup, repeat).items():
+        times = sorted(seconds)
         q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         out[name] = (statistics.median(times), q[2] - q[0])
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._timing import markdown_table, time_fns
+from .._timing import cuda_event_times, markdown_table, time_fns
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "gpu"
 
@@ -193,21 +193,7 @@ def bench_steps_cuda(
 ) -> dict[str, Stat]:
     """Whole training steps timed with CUDA events, interleaved round by round (the order
     rotates), so that drift affects every variant alike."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    torch.cuda.synchronize()
-    events: dict[str, list] = {name: [] for name in names}
-    for r in range(repeat):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fns[name]()
-            e.record()
-            events[name].append((s, e))
-    torch.cuda.synchronize()
-    return {name: _stat([s.elapsed_time(e) / 1e3 for s, e in ev]) for name, ev in events.items()}
+    return {name: _stat(t) for name, t in cuda_event_times(fns, warmup, repeat).items()}
 
 
 def bench_host(
