@@ -84,8 +84,10 @@ class MTLOptimizer(Extensible, Optimizer):
         base: the ``torch.optim.Optimizer`` subclass that performs the update.
         aggregator: a :mod:`mtl_optim.aggregators` instance, or ``None``.
         weighting: a :mod:`mtl_optim.weighting` instance, or ``None``.
-        shared: the shared parameters. ``None`` detects them at the first ``backward``: a
-            parameter that two or more losses reach in the autograd graph is shared.
+        shared: the shared parameters. ``None`` detects them at the first ``backward`` (and
+            again when ``requires_grad`` flags or param groups change): a parameter that two
+            or more losses reach in the autograd graph is shared; where the graph joins the
+            tasks (stacked losses, a compiled model) the per-task gradients settle it once.
         route: how shared gradients are formed when an aggregator is set.
             ``"jacobian"`` stores the ``(K, d)`` per-task gradients ``J`` and combines them.
             ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeightedAggregator`
