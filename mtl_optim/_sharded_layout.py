@@ -183,18 +183,6 @@ class ShardedLayout(TaskGradients):
         return [torch.where(bad > 0, float("nan"), 0.0)]
 
     # --- set-up -----------------------------------------------------------------------------
-    def setup(
-        self,
-        losses: Sequence[Tensor],
-        param_groups: Sequence[dict],
-        shared: Iterable[Tensor] | None,
-        joined: bool = False,
-    ) -> None:
-        """Fix K and the shared parameters; a refusal (see :meth:`detect`) changes nothing."""
-        chosen = self.detect(losses, param_groups, shared, joined)
-        self.num_tasks = len(losses)
-        self.set_shared(param_groups, chosen)
-
     def detect(
         self,
         losses: Sequence[Tensor],

@@ -118,8 +118,9 @@ class TaskGradients:
         reverse pass per task, once — and a parameter is shared when two or more tasks give it a
         nonzero gradient (all ranks agree: the flags are summed across processes).
         """
+        chosen = self.detect(losses, param_groups, shared, joined)  # a refusal changes nothing
         self.num_tasks = len(losses)
-        self.set_shared(param_groups, self.detect(losses, param_groups, shared, joined))
+        self.set_shared(param_groups, chosen)
 
     def detect(
         self,
