@@ -28,3 +28,18 @@ def softmax_by_hand(xs: list[float]) -> list[float]:
 def positive_floats(k: int, lo: float = 0.1, hi: float = 10.0) -> st.SearchStrategy[list[float]]:
     """A Hypothesis strategy: lists of ``k`` floats in ``[lo, hi]`` (loss values, logits)."""
     return st.lists(st.floats(lo, hi), min_size=k, max_size=k)
+
+
+def spawn_two_ranks(worker, tmp, names: list[str]) -> list[dict]:
+    """Run ``worker(rank, 2, init, tmp, names)`` on two processes joined by a TCP store on a
+    free loopback port; return what each rank saved as ``tmp/rank{r}.pt``."""
+    import socket
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp), names), nprocs=2, join=True)
+    return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from _ddp_worker import configs, train, worker
+from helpers import spawn_two_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -17,13 +15,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    names = list(configs())
-    with socket.socket() as s:  # a free port for the TCP store on the loopback interface
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init = f"tcp://127.0.0.1:{port}"
-    mp.spawn(worker, args=(2, init, str(tmp), names), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    return spawn_two_ranks(worker, tmp, list(configs()))
 
 
 @pytest.mark.parametrize("name", [*configs(), "adatask-ddp-wrapped"])

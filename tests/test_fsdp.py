@@ -3,11 +3,8 @@ the whole batch, checkpoints resume bit-identically, and methods that cannot sha
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(
@@ -15,18 +12,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 from _fsdp_worker import configs, mixed_precision_reference, train, worker  # noqa: E402
+from helpers import spawn_two_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    names = list(configs())
-    with socket.socket() as s:  # a free port for the TCP store on the loopback interface
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init = f"tcp://127.0.0.1:{port}"
-    mp.spawn(worker, args=(2, init, str(tmp), names), nprocs=2, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_two_ranks(worker, tmp, list(configs()))
 
 
 @pytest.mark.parametrize("name", list(configs()))
