@@ -176,6 +176,31 @@ def _task_grads(model, x, ys, params):
     return [torch.autograd.grad(loss, params, retain_graph=True) for loss in model.losses(x, ys)]
 
 
+class _Reference:
+    """AdaTask(Adam) written out by hand: per-task Adam moments on the trunk (their own step
+    count), plain Adam on the heads."""
+
+    def __init__(self, model, k):
+        self.trunk, self.heads = list(model.trunk.parameters()), list(model.heads.parameters())
+        self.tm = [[torch.zeros_like(p) for p in self.trunk] for _ in range(k)]
+        self.tv = [[torch.zeros_like(p) for p in self.trunk] for _ in range(k)]
+        self.hm = [torch.zeros_like(p) for p in self.heads]
+        self.hv = [torch.zeros_like(p) for p in self.heads]
+
+    @torch.no_grad()
+    def trunk_step(self, per_task, step):
+        for j, p in enumerate(self.trunk):
+            moves = (
+                _adam_rule(g[j], m[j], v[j], step) for g, m, v in zip(per_task, self.tm, self.tv)
+            )
+            p.add_(sum(moves))
+
+    @torch.no_grad()
+    def heads_step(self, head_grads, step):
+        for j, p in enumerate(self.heads):
+            p.add_(_adam_rule(head_grads[j], self.hm[j], self.hv[j], step))
+
+
 def test_unfreezing_a_trunk_trains_it_with_fresh_per_task_state():
     k = 2
     model = make_model(k)
@@ -191,26 +216,12 @@ def test_unfreezing_a_trunk_trains_it_with_fresh_per_task_state():
     _train(model, opt, data[2:])
     assert [id(p) for p in opt.shared_params] == _trunk_ids(model)
     # reference: the heads run Adam for 5 steps; the trunk AdaTask from step 3 with fresh state
-    trunk, heads = list(ref.trunk.parameters()), list(ref.heads.parameters())
-    hm = [torch.zeros_like(p) for p in heads]
-    hv = [torch.zeros_like(p) for p in heads]
-    tm = [[torch.zeros_like(p) for p in trunk] for _ in range(k)]
-    tv = [[torch.zeros_like(p) for p in trunk] for _ in range(k)]
+    reference = _Reference(ref, k)
     for step, (x, ys) in enumerate(data, start=1):
-        head_grads = torch.autograd.grad(sum(ref.losses(x, ys)), heads)
+        head_grads = torch.autograd.grad(sum(ref.losses(x, ys)), reference.heads)
         if step > 2:
-            per_task = _task_grads(ref, x, ys, trunk)
-            with torch.no_grad():
-                for j, p in enumerate(trunk):
-                    p.add_(
-                        sum(
-                            _adam_rule(per_task[i][j], tm[i][j], tv[i][j], step - 2)
-                            for i in range(k)
-                        )
-                    )
-        with torch.no_grad():
-            for j, p in enumerate(heads):
-                p.add_(_adam_rule(head_grads[j], hm[j], hv[j], step))
+            reference.trunk_step(_task_grads(ref, x, ys, reference.trunk), step - 2)
+        reference.heads_step(head_grads, step)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
@@ -276,19 +287,12 @@ def test_a_second_step_without_backward_moves_the_trunk_like_the_heads():
     opt.backward(model.losses(x, ys))
     opt.step()
     opt.step()  # torch semantics: the same gradients, applied again
-    trunk, heads = list(ref.trunk.parameters()), list(ref.heads.parameters())
-    per_task = _task_grads(ref, x, ys, trunk)
-    head_grads = torch.autograd.grad(sum(ref.losses(x, ys)), heads)
-    tm = [[torch.zeros_like(p) for p in trunk] for _ in range(2)]
-    tv = [[torch.zeros_like(p) for p in trunk] for _ in range(2)]
-    hm = [torch.zeros_like(p) for p in heads]
-    hv = [torch.zeros_like(p) for p in heads]
-    with torch.no_grad():
-        for step in (1, 2):
-            for j, p in enumerate(trunk):
-                p.add_(sum(_adam_rule(per_task[i][j], tm[i][j], tv[i][j], step) for i in range(2)))
-            for j, p in enumerate(heads):
-                p.add_(_adam_rule(head_grads[j], hm[j], hv[j], step))
+    reference = _Reference(ref, 2)
+    per_task = _task_grads(ref, x, ys, reference.trunk)
+    head_grads = torch.autograd.grad(sum(ref.losses(x, ys)), reference.heads)
+    for step in (1, 2):
+        reference.trunk_step(per_task, step)
+        reference.heads_step(head_grads, step)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
