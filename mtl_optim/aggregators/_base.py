@@ -24,6 +24,15 @@ class Aggregator(Method, ABC):
     #: True for methods that also use the loss values (MGDA's "loss" normalisations); the
     #: optimizer then calls :meth:`set_losses` with the detached ``(K,)`` values before combining.
     needs_losses: bool = False
+    #: True when the aggregator can run on the rows of the tasks present in a batch (partial
+    #: labels: ``opt.backward`` got ``None`` for some tasks). The optimizer then calls it on the
+    #: ``(m, d)`` rows of the present tasks, with :attr:`present` set; a stateful aggregator
+    #: uses :attr:`present` to read and update only the present tasks' entries of its state.
+    supports_missing: bool = True
+    #: While the optimizer calls the aggregator on the rows of the present tasks only: their
+    #: ``(m,)`` indices among the K tasks, increasing (a CPU ``int64`` tensor). ``None`` when
+    #: every task is present (the rows are all K tasks, in order).
+    present: Tensor | None = None
 
     def set_losses(self, losses: Tensor) -> None:  # noqa: B027 - a hook
         """Receive this batch's detached loss values (only if :attr:`needs_losses`)."""

@@ -28,6 +28,18 @@ class Weighting(Method, ABC):
     #: True when objective ``o_i`` depends on loss ``L_i`` only (``∂o/∂L`` is diagonal); the
     #: optimizer then gets ``∂o/∂L`` from one reverse pass instead of K.
     separable: bool = False
+    #: True when the weighting can form weights over the tasks present in a batch (partial
+    #: labels: ``opt.backward`` got ``None`` for some tasks). The optimizer then calls
+    #: :meth:`forward` (and :meth:`observe`, :meth:`post_step`) on the ``(m,)`` losses (``(m, d)``
+    #: gradients) of the present tasks, with :attr:`present` set, and expects ``(m,)``
+    #: objectives; :attr:`weights` may then hold ``m`` entries (the optimizer reports zeros for
+    #: the missing tasks). A weighting that cannot leaves this False, and a batch with a
+    #: missing task raises ``ValueError`` before anything changes.
+    supports_missing: bool = False
+    #: While the optimizer calls the weighting with the present tasks only: their ``(m,)``
+    #: indices among the K tasks, increasing (a CPU ``int64`` tensor). ``None`` when every
+    #: task is present.
+    present: Tensor | None = None
     #: The optimizer snapshots :meth:`state_dict` at the start of each step's window and
     #: restores it when the step is skipped (non-finite values). A method whose state changes
     #: only in :meth:`after_step` may set this to False to save the copy.
