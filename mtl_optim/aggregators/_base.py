@@ -33,6 +33,9 @@ class Aggregator(Method, ABC):
     #: ``(m,)`` indices among the K tasks, increasing (a CPU ``int64`` tensor). ``None`` when
     #: every task is present (the rows are all K tasks, in order).
     present: Tensor | None = None
+    #: K, the number of tasks, while :attr:`present` is set (to size state that has one entry
+    #: per task when the first call already misses a task); ``None`` otherwise.
+    all_tasks: int | None = None
 
     def set_losses(self, losses: Tensor) -> None:  # noqa: B027 - a hook
         """Receive this batch's detached loss values (only if :attr:`needs_losses`)."""

@@ -40,6 +40,9 @@ class Weighting(Method, ABC):
     #: indices among the K tasks, increasing (a CPU ``int64`` tensor). ``None`` when every
     #: task is present.
     present: Tensor | None = None
+    #: K, the number of tasks, while :attr:`present` is set (to size state that has one entry
+    #: per task when the first call already misses a task); ``None`` otherwise.
+    all_tasks: int | None = None
     #: The optimizer snapshots :meth:`state_dict` at the start of each step's window and
     #: restores it when the step is skipped (non-finite values). A method whose state changes
     #: only in :meth:`after_step` may set this to False to save the copy.
