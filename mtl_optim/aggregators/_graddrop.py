@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._method import Seeded
 from ._base import Aggregator
+from ._partial import present_tasks
 
 
 class GradDrop(Seeded, Aggregator):
@@ -54,6 +55,11 @@ class GradDrop(Seeded, Aggregator):
     reproducible per device type (CPU and CUDA draw different numbers). :meth:`forward` and
     :meth:`transform` each draw. In distributed training give every rank the same ``seed``
     (the masks must agree; see docs/design.md, "Distributed training").
+
+    **Partial labels.** With only m of the K tasks present, purity and masks are formed from
+    the present rows alone (a missing task has no gradient to vote with); the draws are one per
+    column and do not depend on the tasks, so the generator advances as in a call with every
+    task. A per-task ``leak`` (K entries) is read at the present tasks.
 
     Args:
         leak: :math:`\ell`, one number for all tasks or one per task, each in ``[0, 1]``.
@@ -106,12 +112,14 @@ class GradDrop(Seeded, Aggregator):
         # (ℓ + (1 - ℓ) M) ⊙ g with a 0/1 mask M; leaks stay Python floats (no host-to-device copy)
         if isinstance(self.leak, float):
             rows = torch.where(keep, work, self.leak * work)
-        elif len(self.leak) != k:
-            raise ValueError(f"leak has {len(self.leak)} entries but there are {k} tasks")
         else:
-            rows = torch.stack(
-                [torch.where(m, g, ell * g) for m, g, ell in zip(keep, work, self.leak)]
-            )
+            index, num_tasks = present_tasks(self, k)
+            if len(self.leak) != num_tasks:
+                raise ValueError(
+                    f"leak has {len(self.leak)} entries but there are {num_tasks} tasks"
+                )
+            leaks = self.leak if index is None else [self.leak[i] for i in index.tolist()]
+            rows = torch.stack([torch.where(m, g, ell * g) for m, g, ell in zip(keep, work, leaks)])
         return rows.to(jacobian.dtype)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from .._linalg import gramian
 from .._method import Seeded
 from .._validation import positive
 from ._base import GramianWeightedAggregator
+from ._partial import on, present_tasks, random_keys, restrict_pairs
 
 
 class GradVac(Seeded, GramianWeightedAggregator):
@@ -44,6 +45,12 @@ class GradVac(Seeded, GramianWeightedAggregator):
     call) and ``"generator"``, so a resumed run is bit-identical. Every call (``weights``,
     ``forward`` or ``transform``) advances both. In distributed training give every rank the same
     ``seed`` (the orders must agree; see docs/design.md, "Distributed training").
+
+    **Partial labels.** With only m of the K tasks present, the rows are the present tasks':
+    the visiting orders are those of a ``K×K`` draw restricted to them (the generator advances
+    as in a call with every task), the targets read are those of the pairs of present tasks,
+    and only those targets move; a target of a pair with a missing task is left as it is. The
+    targets are ``K×K`` even when the first call already misses a task.
 
     **Deviations.** (a) LibMTL updates :math:`\hat\phi_{ij}` only inside the correction branch,
     so its targets can only decrease from 0; we follow the paper (and TorchJD). ``beta=0.5``
@@ -80,18 +87,19 @@ class GradVac(Seeded, GramianWeightedAggregator):
         """
         gram = gram.to(torch.float64)
         k, dev = gram.shape[0], gram.device
+        index, num_tasks = present_tasks(self, k)
         if self.targets is None:
-            self.targets = torch.zeros(k, k, dtype=torch.float64, device=dev)
-        elif self.targets.shape[0] != k:
+            self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=dev)
+        elif self.targets.shape[0] != num_tasks:
             raise ValueError(
-                f"{self!r} was first called with {self.targets.shape[0]} tasks, now {k}"
+                f"{self!r} was first called with {self.targets.shape[0]} tasks, now {num_tasks}"
             )
-        previous = self.targets.to(dev)
+        stored = self.targets.to(dev)
+        previous = restrict_pairs(stored, index)
         targets = previous.clone()
 
         # order[i] lists the tasks j != i in a uniformly random order, as in PCGrad
-        keys = torch.rand(k, k, generator=self.generator_on(dev), device=dev)
-        keys.fill_diagonal_(2.0)
+        keys = random_keys(self, index, num_tasks, dev)
         order = keys.argsort(dim=1)[:, : k - 1]
 
         rows = torch.arange(k, device=dev)
@@ -116,7 +124,11 @@ class GradVac(Seeded, GramianWeightedAggregator):
             targets[rows, other] = (1.0 - self.beta) * target + self.beta * cos
         # a non-finite J (which MTLOptimizer skips anyway) must not poison the targets
         finite = torch.isfinite(gram).all()
-        self.targets = torch.where(finite, targets, previous)
+        targets = torch.where(finite, targets, previous)
+        if index is not None:  # write back the pairs of present tasks only
+            idx = on(index, dev)
+            targets = stored.index_put((idx[:, None], idx[None, :]), targets)
+        self.targets = targets
         return torch.where(finite, coef, torch.nan)
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:

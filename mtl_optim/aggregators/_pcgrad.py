@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .._method import Seeded
 from ._base import Aggregator
+from ._partial import present_tasks, random_keys
 
 Reduction = Literal["sum", "mean"]
 _REDUCTIONS = get_args(Reduction)
@@ -40,6 +41,11 @@ class PCGrad(Seeded, Aggregator):
     The visiting orders come from a CPU ``torch.Generator`` seeded with ``seed`` (a random seed
     when ``None``); its state is in :meth:`state_dict`, so a resumed run draws the same orders.
     (The official TF code discards its shuffle, so its order is fixed.)
+
+    **Partial labels.** With only m of the K tasks present, the rows are the present tasks'
+    and each row visits the other present tasks in the order they have in an order drawn for
+    all K tasks (the keys of a ``K×K`` draw, restricted): the generator advances as in a call
+    with every task, and the divisor of ``"mean"`` is m.
 
     Args:
         reduction: ``"sum"`` (default) or ``"mean"``.
@@ -86,8 +92,8 @@ class PCGrad(Seeded, Aggregator):
         # with i itself pushed to the end and cut off.
         # On an accelerator the keys are drawn there (no host-to-device copy).
         dev = gram.device
-        keys = torch.rand(k, k, generator=self.generator_on(dev), device=dev)
-        keys.fill_diagonal_(2.0)
+        index, total = present_tasks(self, k)
+        keys = random_keys(self, index, total, dev)
         order = keys.argsort(dim=1)[:, : k - 1]
 
         rows = torch.arange(k, device=gram.device)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .._method import Seeded
 from ._base import GramianWeightedAggregator
+from ._partial import present_tasks
 
 
 class Random(Seeded, GramianWeightedAggregator):
@@ -22,6 +23,10 @@ class Random(Seeded, GramianWeightedAggregator):
     and dtype. The generator's state is in :meth:`state_dict`, so a resumed run draws the same
     weights. :meth:`forward` and :meth:`transform` each draw once.
 
+    **Partial labels.** With only m of the K tasks present, K numbers are still drawn (so the
+    generator advances as in a call with every task) and the softmax is taken over the present
+    tasks' draws: the weights of the m rows sum to 1.
+
     Args:
         seed: seed of the generator.
     """
@@ -30,7 +35,10 @@ class Random(Seeded, GramianWeightedAggregator):
         super().__init__(seed)
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
-        logits = torch.randn(gram.shape[0], generator=self.generator, dtype=torch.float64)
+        index, k = present_tasks(self, gram.shape[0])
+        logits = torch.randn(k, generator=self.generator, dtype=torch.float64)
+        if index is not None:
+            logits = logits[index]
         return torch.softmax(logits, dim=0).to(gram.device)
 
     def __repr__(self) -> str:
