@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._validation import positive
 from ._base import WeightedAggregator
+from ._partial import mass_restrict, on, present_tasks, scatter
 
 
 class ExcessMTL(WeightedAggregator):
@@ -50,6 +51,15 @@ class ExcessMTL(WeightedAggregator):
     :math:`e_1` and the weights, all in :meth:`state_dict`; ``K`` and ``d`` are fixed by the
     first call. No host sync.
 
+    **Partial labels.** With only m of the K tasks present (the rows are theirs), only the
+    present tasks' statistics move: their rows of :math:`S` accumulate, their estimates are
+    formed, a present task seen for the first time takes its estimate as its reference (its
+    exponent is 0 at that call, as for a zero reference above), and their weights, rescaled to
+    sum to m, take the exponentiated-gradient step and are renormalised to sum to m, which are
+    the m weights returned. They are written back rescaled to their former total, so the
+    missing tasks' entries are unchanged and the K weights keep summing to K. The state is
+    sized by K even when the first call already misses a task (the unseen tasks' rows are 0).
+
     Args:
         robust_step_size: the step :math:`\eta > 0` of the weight update (official default
             1e-2).
@@ -73,6 +83,9 @@ class ExcessMTL(WeightedAggregator):
         dtype = torch.promote_types(jacobian.dtype, torch.float32)
         g = jacobian.detach().to(dtype)
         sq = g * g
+        index, num_tasks = present_tasks(self, k)
+        if index is not None:
+            return self._present_weights(jacobian, sq, index, num_tasks)
         if self._sq_sum is None:
             sq_sum = sq
         elif self._sq_sum.shape != (k, d):
@@ -93,6 +106,37 @@ class ExcessMTL(WeightedAggregator):
             w = w / w.sum() * k
             initial = torch.where(initial > 0, initial, risk)
         self._sq_sum, self._initial, self._w = sq_sum, initial, w
+        return w.to(jacobian.dtype) if jacobian.is_floating_point() else w
+
+    def _present_weights(self, jacobian: Tensor, sq: Tensor, index: Tensor, k: int) -> Tensor:
+        """:meth:`weights` on the rows of the present tasks ``index`` among ``k``."""
+        m, d = sq.shape
+        dev = sq.device
+        if self._sq_sum is None:  # nothing seen yet: unseen tasks have S = 0 and no reference
+            full_sq = torch.zeros(k, d, dtype=sq.dtype, device=dev)
+            full_initial = torch.zeros(k, dtype=torch.float64, device=dev)
+            full_w = torch.ones(k, dtype=torch.float64, device=dev)
+        elif self._sq_sum.shape != (k, d):
+            raise ValueError(
+                f"ExcessMTL was first called with J of shape {tuple(self._sq_sum.shape)}, "
+                f"now {(k, d)}"
+            )
+        else:
+            full_sq = self._sq_sum.to(dev)
+            full_initial = cast(Tensor, self._initial).to(dev)
+            full_w = cast(Tensor, self._w).to(dev)
+        idx = on(index, dev)
+        sq_sum = full_sq.index_select(0, idx) + sq
+        risk = (sq / (sq_sum + self.eps).sqrt()).sum(dim=1).to(torch.float64)
+        initial = full_initial.index_select(0, idx)
+        w, mass = mass_restrict(full_w, index, float(m))
+        ratio = torch.where(initial > 0, risk / initial, 0.0)
+        w = w * torch.exp(self.robust_step_size * ratio)
+        w = w / w.sum() * m
+        initial = torch.where(initial > 0, initial, risk)
+        self._sq_sum = scatter(full_sq, index, sq_sum)
+        self._initial = scatter(full_initial, index, initial)
+        self._w = scatter(full_w, index, w * (mass / m))
         return w.to(jacobian.dtype) if jacobian.is_floating_point() else w
 
     def state_dict(self) -> dict[str, Any]:

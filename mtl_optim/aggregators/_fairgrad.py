@@ -33,6 +33,7 @@ from torch import Tensor
 from .._linalg import TINY
 from .._validation import check_int, positive
 from ._base import GramianWeightedAggregator
+from ._partial import on, present_tasks, scatter
 
 _EPS = torch.finfo(torch.float64).eps
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
@@ -104,6 +105,12 @@ class FairGrad(GramianWeightedAggregator):
     ``tol`` and has the fallback above (the official code returns whatever ``least_squares``
     reached). The Gramian is accumulated in float64.
 
+    **Partial labels.** With only m of the K tasks present (the rows are theirs), the solve
+    is the m-task problem on their Gramian, warm-started from (and falling back to) their
+    entries of the previous solution; only those entries are updated. ``scale_by_k``
+    multiplies by m. The stored solution has K entries even when the first call already
+    misses a task (ones for the tasks not solved for yet).
+
     Args:
         alpha: the fairness parameter :math:`\alpha > 0` (official default 1.0).
         scale_by_k: multiply the weights by K (official).
@@ -144,13 +151,19 @@ class FairGrad(GramianWeightedAggregator):
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
         k = gram.shape[0]
         gram = gram.to(torch.float64)
+        index, num_tasks = present_tasks(self, k)
         prev = self._w
         if prev is None:
-            prev = torch.ones(k, dtype=torch.float64, device=gram.device)
-        elif prev.shape[0] != k:
-            raise ValueError(f"FairGrad was first called with {prev.shape[0]} tasks, now {k}")
+            prev = torch.ones(num_tasks, dtype=torch.float64, device=gram.device)
+        elif prev.shape[0] != num_tasks:
+            raise ValueError(
+                f"FairGrad was first called with {prev.shape[0]} tasks, now {num_tasks}"
+            )
+        full = prev.to(gram.device)
+        if index is not None:  # the present tasks' warm start; only their entries move
+            prev = full.index_select(0, on(index, gram.device))
         w = _solve(gram, prev.to(gram.device), 1.0 / self.alpha, self)
-        self._w = w
+        self._w = w if index is None else scatter(full, index, w)
         return w * k if self.scale_by_k else w
 
     def state_dict(self) -> dict[str, Any]:

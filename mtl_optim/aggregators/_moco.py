@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._linalg import gramian
 from ._base import Aggregator
+from ._partial import mass_restrict, on, present_tasks, scatter
 from ._simplex import simplex_projection
 
 Normalization = Literal["none", "l2", "loss"]
@@ -54,6 +55,20 @@ class MoCo(Aggregator):
     device: one more copy of ``J``), :math:`\lambda` (float64) and :math:`t`, all in
     :meth:`state_dict`; ``K`` and ``d`` are fixed by the first call. No host sync: the weight
     update runs on the float64 Gramian of :math:`Y` on its device.
+
+    **Partial labels.** With only m of the K tasks present (the rows are theirs), only the
+    present tasks' trackers :math:`y_i` move, each with its own step count: task :math:`i`'s
+    tracking step is :math:`\beta / n_i^{\sigma_\beta}` with :math:`n_i` the number of calls in
+    which it was present, so a task that was missing neither decays nor falls behind in its
+    schedule (with every task always present, :math:`n_i = t`). The weights of the present
+    tasks, rescaled to sum to 1, take one step of the m-task update (with the call counter
+    :math:`t` in :math:`\gamma_t`), and are written back rescaled to their former total, so
+    the missing tasks' weights are unchanged and :math:`\lambda` stays on the K-simplex
+    (present weights that are all 0 are read as uniform and stay 0). The direction is that of
+    the m-task step, :math:`\sum_{i\in P}\lambda'_i y_i` with :math:`\sum_{i\in P}
+    \lambda'_i = 1`. ``normalization="loss"`` takes the present tasks' losses (the m values,
+    or the K values read at the present tasks). The per-task counts enter :meth:`state_dict`
+    under ``"task_steps"`` once a task has been missing.
 
     Args:
         beta: the tracking step :math:`\beta \in (0, 1]` (LibMTL default 0.5).
@@ -103,6 +118,7 @@ class MoCo(Aggregator):
         self._y: Tensor | None = None
         self._lambda: Tensor | None = None
         self._step = 0
+        self._task_steps: Tensor | None = None  # (K,) int64 on the CPU, once a task was missing
 
     def set_losses(self, losses: Tensor) -> None:
         self._losses = losses.detach()
@@ -114,50 +130,92 @@ class MoCo(Aggregator):
         k, d = jacobian.shape
         dtype = torch.promote_types(jacobian.dtype, torch.float32)
         h = jacobian.detach().to(dtype)
+        index, num_tasks = present_tasks(self, k)
         if self._y is None:
-            y = torch.zeros_like(h)
-            lam = torch.full((k,), 1.0 / k, dtype=torch.float64, device=h.device)
-        elif self._y.shape != (k, d):
+            full_y = torch.zeros(num_tasks, d, dtype=dtype, device=h.device)
+            full_lam = torch.full(
+                (num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=h.device
+            )
+        elif self._y.shape != (num_tasks, d):
             raise ValueError(
-                f"MoCo was first called with J of shape {tuple(self._y.shape)}, now {(k, d)}"
+                f"MoCo was first called with J of shape {tuple(self._y.shape)}, now "
+                f"{(num_tasks, d)}"
             )
         else:
-            y, lam = self._y.to(h.device), cast(Tensor, self._lambda).to(h.device)
+            full_y, full_lam = self._y.to(h.device), cast(Tensor, self._lambda).to(h.device)
+        if index is None:
+            y, lam, mass = full_y, full_lam, None
+        else:
+            y = full_y.index_select(0, on(index, h.device))
+            if self._y is None:  # a fresh m-task start: uniform weights, their share of K
+                lam = torch.full((k,), 1.0 / k, dtype=torch.float64, device=h.device)
+                mass = torch.tensor(k / num_tasks, dtype=torch.float64, device=h.device)
+            else:
+                lam, mass = mass_restrict(full_lam, index, 1.0)
         if self.normalization != "none":
             h = h / (h.norm(dim=1, keepdim=True) + _NORM_EPS)
         if self.normalization == "loss":
-            if self._losses is None or self._losses.shape != (k,):
+            losses = self._losses
+            if index is not None and losses is not None and losses.shape == (num_tasks,):
+                losses = losses[on(index, losses.device)]
+            if losses is None or losses.shape != (k,):
                 raise ValueError(
                     "MoCo(normalization='loss') needs this batch's K loss values: use it "
                     "through MTLOptimizer, or call set_losses(losses) first"
                 )
-            h = h * self._losses.to(h)[:, None]
+            h = h * losses.to(h)[:, None]
         t = self._step + 1
-        y = y - (self.beta / t**self.beta_sigma) * (y - h)
+        if self._task_steps is None and index is None:
+            y = y - (self.beta / t**self.beta_sigma) * (y - h)
+            task_steps = None
+        else:
+            steps = self._task_steps
+            if steps is None:
+                steps = torch.full((num_tasks,), self._step, dtype=torch.int64)
+            counts = (steps if index is None else steps[index]) + 1
+            betas = [self.beta / n**self.beta_sigma for n in counts.tolist()]
+            if len(set(betas)) == 1:
+                y = y - betas[0] * (y - h)
+            else:
+                y = y - torch.tensor(betas, dtype=y.dtype, device=y.device)[:, None] * (y - h)
+            task_steps = steps + 1 if index is None else scatter(steps, index, counts)
         gamma_t = self.gamma / t**self.gamma_sigma
         lam = lam - gamma_t * (gramian(y) @ lam + self.rho * lam)
         lam = simplex_projection(lam) if self.lambda_update == "projection" else lam.softmax(0)
-        self._y, self._lambda, self._step = y, lam, t
+        if index is None:
+            self._y, self._lambda = y, lam
+        else:
+            self._y = scatter(full_y, index, y)
+            self._lambda = scatter(full_lam, index, cast(Tensor, mass) * lam)
+        self._step, self._task_steps = t, task_steps
         return (lam.to(dtype)[:, None] * y).to(jacobian.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "y": None if self._y is None else self._y.detach().clone(),
             "lambda": None if self._lambda is None else self._lambda.detach().clone(),
             "step": self._step,
         }
+        if self._task_steps is not None:
+            state["task_steps"] = self._task_steps.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"y", "lambda", "step"}:
+        if not {"y", "lambda", "step"} <= set(state) <= {"y", "lambda", "step", "task_steps"}:
             raise ValueError(
-                f"MoCo state must have the keys 'y', 'lambda' and 'step', got {sorted(state)}"
+                "MoCo state must have the keys 'y', 'lambda' and 'step' (and 'task_steps' "
+                f"once a task was missing), got {sorted(state)}"
             )
         y, lam = state["y"], state["lambda"]
         if (y is None) != (lam is None):
             raise ValueError("MoCo state: 'y' and 'lambda' must both be set or both be None")
+        task_steps = state.get("task_steps")
         self._y = None if y is None else y.detach().clone()
         self._lambda = None if lam is None else lam.detach().to(torch.float64).clone()
         self._step = int(state["step"])
+        self._task_steps = (
+            None if task_steps is None else torch.as_tensor(task_steps, dtype=torch.int64).cpu()
+        )
 
     def __repr__(self) -> str:
         return (

@@ -34,6 +34,7 @@ from torch import Tensor
 from .._linalg import TINY
 from .._validation import check_int, positive
 from ._base import GramianWeightedAggregator
+from ._partial import on, present_tasks, scatter
 
 Solver = Literal["newton", "cvxpy"]
 _SOLVERS = get_args(Solver)
@@ -126,6 +127,14 @@ class NashMTL(GramianWeightedAggregator):
     clipping (``max_norm``) is done by the optimizer, not here. The state (:math:`\alpha`,
     call counter) is in :meth:`state_dict`.
 
+    **Partial labels.** With only m of the K tasks present (the rows are theirs), the solve
+    is the m-task problem on their Gramian, warm-started from their entries of :math:`\alpha`
+    (and falling back to them); only those entries are updated, the missing tasks' weights are
+    kept for when they return. :math:`\alpha` has K entries even when the first call already
+    misses a task (ones for the tasks not solved for yet). The call counter of
+    ``update_weights_every`` counts every call; on a call that does not solve, the present
+    tasks' stored weights are returned.
+
     Args:
         solver: ``"newton"`` (default) or ``"cvxpy"``.
         update_weights_every: solve on calls ``0, n, 2n, ...`` (counting from 0) and reuse the
@@ -176,9 +185,14 @@ class NashMTL(GramianWeightedAggregator):
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
         k = gram.shape[0]
         device = gram.device
+        index, num_tasks = present_tasks(self, k)
         prev = self._alpha
-        if prev is not None and prev.shape[0] != k:
+        if prev is not None and prev.shape[0] != num_tasks:
             prev = None  # the number of tasks changed: start again from ones
+        full = prev
+        if index is not None and prev is not None:  # warm start from the present tasks' α
+            full = prev.to(device)
+            prev = full.index_select(0, on(index, device))
         if prev is None or self._step % self.update_weights_every == 0:
             if prev is None:
                 prev = torch.ones(k, dtype=torch.float64, device=device)
@@ -187,11 +201,16 @@ class NashMTL(GramianWeightedAggregator):
                 alpha = _newton(gram, prev, self.max_iter, self.tol, self.check_every)
             else:
                 alpha = self._cvxpy(gram, prev)
-            self._alpha = alpha
         else:
-            self._alpha = prev.to(device)
+            alpha = prev.to(device)
         self._step += 1
-        return self._alpha
+        if index is None:
+            self._alpha = alpha
+        else:  # only the present tasks' α move; a first call sizes α by K (ones elsewhere)
+            if full is None:
+                full = torch.ones(num_tasks, dtype=torch.float64, device=device)
+            self._alpha = scatter(full, index, alpha)
+        return alpha
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self._alpha is None else self._alpha.detach().clone()

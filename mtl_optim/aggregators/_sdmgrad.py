@@ -3,13 +3,14 @@ r"""SDMGrad: stochastic direction-oriented multi-objective gradient descent."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from .._validation import check_int, positive
 from ._base import GramianWeightedAggregator
+from ._partial import mass_restrict, present_tasks, scatter
 from ._simplex import simplex_projection
 
 
@@ -52,6 +53,14 @@ class SDMGrad(GramianWeightedAggregator):
     fixed by the first call, are in :meth:`state_dict`. The objective-sampling variant
     SDMGrad-OS is not provided.
 
+    **Partial labels.** With only m of the K tasks present (the rows are theirs), the solve is
+    the m-task problem (with :math:`\bar g` the mean of the present gradients and ``scale_by_k``
+    multiplying by m), warm-started from the present tasks' weights rescaled to sum to 1; the
+    result is written back rescaled to their former total, so the missing tasks' weights are
+    unchanged and the K weights stay on the simplex (present weights that are all 0 are read
+    as uniform and stay 0). A first call that already misses a task starts the present tasks
+    from :math:`1/m` and stores :math:`1/K` for the others.
+
     Args:
         lamda: the regularisation :math:`\lambda \ge 0` (official default 0.3).
         niter: the number of inner projected-SGD steps (official default 20).
@@ -91,12 +100,19 @@ class SDMGrad(GramianWeightedAggregator):
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
         k = gram.shape[0]
         gram = gram.to(torch.float64)
+        index, num_tasks = present_tasks(self, k)
         w = self._w
         if w is None:
-            w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
-        elif w.shape[0] != k:
-            raise ValueError(f"SDMGrad was first called with {w.shape[0]} tasks, now {k}")
+            w = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=gram.device)
+        elif w.shape[0] != num_tasks:
+            raise ValueError(f"SDMGrad was first called with {w.shape[0]} tasks, now {num_tasks}")
         w = w.to(gram.device)
+        full, mass = w, None
+        if index is not None and self._w is None:  # a fresh m-task start, their share of K
+            w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
+            mass = torch.tensor(k / num_tasks, dtype=torch.float64, device=gram.device)
+        elif index is not None:  # the present weights rescaled to the m-simplex
+            w, mass = mass_restrict(full, index, 1.0)
         scale = torch.sqrt(gram.diagonal() + 1e-4).mean()
         m = gram / scale**2
         target = self.lamda * m.mean(dim=1)
@@ -105,7 +121,7 @@ class SDMGrad(GramianWeightedAggregator):
             grad = m @ w + target
             buf = grad if it == 0 else self.w_momentum * buf + grad
             w = simplex_projection(w - self.w_lr * buf)
-        self._w = w
+        self._w = w if index is None else scatter(full, index, cast(Tensor, mass) * w)
         factor = (k if self.scale_by_k else 1.0) / (1.0 + self.lamda)
         return (w + self.lamda / k) * factor
 
