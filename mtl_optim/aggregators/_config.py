@@ -11,6 +11,7 @@ from torch import Tensor
 from .._linalg import normalized_gramian
 from .._validation import positive
 from ._base import GramianWeightedAggregator
+from ._partial import present_tasks
 
 Length = Literal["projection", "min", "max", "arithmetic", "geometric", "harmonic"]
 _LENGTHS = get_args(Length)
@@ -68,6 +69,10 @@ class ConFIG(GramianWeightedAggregator):
     (M-ConFIG) is not provided. The direction is invariant to a permutation of the rows (with
     ``pref_vector`` permuted alike) and to a positive scaling of ``pref_vector``.
 
+    **Partial labels.** With only m of the K tasks present the rows are theirs and the
+    direction is ConFIG's on them; a given ``pref_vector`` (K entries) is read at the present
+    tasks. There is no state.
+
     Args:
         pref_vector: the target cosines :math:`p` (positive, one per task), or ``None`` for
             ones. Its length must match the number of tasks at every call.
@@ -104,10 +109,16 @@ class ConFIG(GramianWeightedAggregator):
         k = gram.shape[0]
         gram = gram.to(torch.float64)
         dev = gram.device
+        index, num_tasks = present_tasks(self, k)
         if self.pref_vector is None:
             pref = torch.ones(k, dtype=torch.float64, device=dev)
-        elif self.pref_vector.numel() != k:
-            raise ValueError(f"pref_vector has {self.pref_vector.numel()} entries, J {k} rows")
+        elif self.pref_vector.numel() != num_tasks:
+            raise ValueError(
+                f"pref_vector has {self.pref_vector.numel()} entries, "
+                + (f"J {k} rows" if index is None else f"there are {num_tasks} tasks")
+            )
+        elif index is not None:  # partial labels: the present tasks' target cosines
+            pref = self.pref_vector[index].to(dev)
         else:
             pref = cast(Tensor, self._pref_on_device)  # set with pref_vector
             if pref.device != dev:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramianWeightedAggregator
+from ._partial import present_tasks
 
 _EPS = torch.finfo(torch.float64).eps
 
@@ -226,14 +227,22 @@ class Preference:
         self.vector = None if pref_vector is None else _check_pref_vector(pref_vector)
         self._copies: dict[torch.device, Tensor] = {}
 
-    def __call__(self, gram: Tensor) -> Tensor:
+    def __call__(
+        self, gram: Tensor, index: Tensor | None = None, num_tasks: int | None = None
+    ) -> Tensor:
+        """The weights for the rows of ``gram``; with ``index`` (the rows' tasks among
+        ``num_tasks``, partial labels) a given vector is read at those tasks (not renormalised),
+        and the default is :math:`1/m` over the m rows."""
         k = gram.shape[0]
         if self.vector is None:
             return torch.full((k,), 1.0 / k, dtype=torch.float64, device=gram.device)
-        if self.vector.numel() != k:
+        total = k if index is None else num_tasks
+        if self.vector.numel() != total:
             raise ValueError(
-                f"pref_vector has {self.vector.numel()} entries but there are {k} tasks"
+                f"pref_vector has {self.vector.numel()} entries but there are {total} tasks"
             )
+        if index is not None:
+            return self.vector[index].to(gram.device)
         if gram.device not in self._copies:
             self._copies[gram.device] = self.vector.to(gram.device)
         return self._copies[gram.device]
@@ -272,7 +281,11 @@ def non_negative(name: str, value: float) -> float:
 class DualConeAggregator(GramianWeightedAggregator):
     """What UPGrad and DualProj share: a preference vector and the regularised Gramian.
 
-    Subclasses turn :meth:`cone_gramian` and :attr:`preference` into weights.
+    Subclasses turn :meth:`cone_gramian` and :meth:`preferences` into weights.
+
+    **Partial labels.** With only m of the K tasks present the rows are theirs, the default
+    preference is :math:`1/m` each and a given K-entry ``pref_vector`` is read at the present
+    tasks (not renormalised); there is no state.
     """
 
     def __init__(
@@ -285,6 +298,10 @@ class DualConeAggregator(GramianWeightedAggregator):
         self.preference = Preference(pref_vector)
         self.norm_eps = non_negative("norm_eps", norm_eps)
         self.reg_eps = non_negative("reg_eps", reg_eps)
+
+    def preferences(self, gram: Tensor) -> Tensor:
+        """The ``(m,)`` float64 preference weights of the rows of ``gram`` (see the class)."""
+        return self.preference(gram, *present_tasks(self, gram.shape[0]))
 
     def cone_gramian(self, gram: Tensor) -> Tensor:
         return regularized_gramian(gram, self.norm_eps, self.reg_eps)

@@ -33,6 +33,10 @@ class DualProj(DualConeAggregator):
     it has no per-task decomposition: :meth:`transform` returns the weighted rows
     :math:`v_i g_i`. No host syncs.
 
+    **Partial labels.** With only m of the K tasks present the rows are theirs: the default
+    preference is :math:`1/m` each and a given K-entry ``pref_vector`` is read at the present
+    tasks (not renormalised). There is no state.
+
     Args:
         pref_vector: the K non-negative weights :math:`p` (``None``: :math:`1/K` each).
         norm_eps: the smallest :math:`\lVert J\rVert_F^2` that is projected (TorchJD default).
@@ -40,5 +44,5 @@ class DualProj(DualConeAggregator):
     """
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
-        u = self.preference(gram)
+        u = self.preferences(gram)
         return dual_cone_weights(u, self.cone_gramian(gram))

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._validation import check_int, positive
 from ._base import GramianWeightedAggregator
+from ._partial import present_tasks
 from ._simplex import project_to_simplex
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
@@ -66,6 +67,11 @@ class MGDA(GramianWeightedAggregator):
 
     The weights sum to 1 (the official convention; the Nash-MTL port multiplies them by K).
 
+    **Partial labels.** With only m of the K tasks present the rows are theirs and the weights
+    are MGDA's on them (summing to 1 over the present tasks); a loss normalisation takes the
+    present tasks' losses (the m values handed over, or the K values read at the present
+    tasks). There is no state.
+
     Args:
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
         max_iter: the most iterations of each solver phase (official ``MAX_ITER``).
@@ -118,12 +124,16 @@ class MGDA(GramianWeightedAggregator):
         if self.normalization in ("l2", "loss+"):
             norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
         if self.normalization in ("loss", "loss+"):
-            if self._losses is None or self._losses.shape != (gram.shape[0],):
+            losses = self._losses
+            index, num_tasks = present_tasks(self, gram.shape[0])
+            if index is not None and losses is not None and losses.shape == (num_tasks,):
+                losses = losses[index.numpy()]  # the K losses, read at the present tasks
+            if losses is None or losses.shape != (gram.shape[0],):
                 raise ValueError(
                     f"MGDA(normalization={self.normalization!r}) needs this batch's K loss "
                     "values: use it through MTLOptimizer, or call set_losses(losses) first"
                 )
-            norms = norms * self._losses
+            norms = norms * losses
         if (norms <= 0).any():
             warnings.warn(
                 f"MGDA(normalization={self.normalization!r}): a normaliser (gradient norm or "

@@ -41,6 +41,10 @@ class UPGrad(DualConeAggregator):
 
     **Host syncs.** None (see the solver).
 
+    **Partial labels.** With only m of the K tasks present the rows are theirs: the default
+    preference is :math:`1/m` each and a given K-entry ``pref_vector`` is read at the present
+    tasks (not renormalised). There is no state.
+
     Args:
         pref_vector: the K non-negative weights :math:`p` (``None``: :math:`1/K` each).
         norm_eps: the smallest :math:`\lVert J\rVert_F^2` that is projected (TorchJD default).
@@ -49,7 +53,7 @@ class UPGrad(DualConeAggregator):
 
     def projection_weights(self, gram: Tensor) -> Tensor:
         """The ``(K, K)`` float64 matrix whose row ``i`` holds :math:`v^{(i)}`."""
-        u = torch.diag(self.preference(gram))
+        u = torch.diag(self.preferences(gram))
         return dual_cone_weights(u, self.cone_gramian(gram))
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
