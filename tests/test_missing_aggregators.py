@@ -89,18 +89,20 @@ def test_every_public_aggregator_supports_missing_tasks():
 # ---------------------------------------------------------------- 1. the m-row definition
 
 
+@pytest.mark.parametrize("present", [P, [1, 2], [3]], ids=str)
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in DRAWS_PER_TASK])
-def test_first_call_is_the_aggregator_on_the_present_rows(name):
-    """Fresh state: with task 1 missing the result is a fresh instance's on the 3 rows (for
+def test_first_call_is_the_aggregator_on_the_present_rows(name, present):
+    """Fresh state: with tasks missing the result is a fresh instance's on the m rows (for
     GradDrop the draws are one per column, so the same seed gives the same masks)."""
     j = jac(0)
+    m = len(present)
     for kind in kinds(name):
         agg, ref = build(name), build(name)
-        with missing(agg):
-            out = call(agg, kind, j[P])
-        expected = call(ref, kind, j[P])
+        with missing(agg, present):
+            out = call(agg, kind, j[present])
+        expected = call(ref, kind, j[present])
         assert agg.present is None and agg.all_tasks is None
-        assert out.shape == expected.shape == {"forward": (D,), "transform": (3, D)}.get(kind, (3,))
+        assert out.shape == expected.shape == {"forward": (D,), "transform": (m, D)}.get(kind, (m,))
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
@@ -302,13 +304,14 @@ def test_state_is_sized_by_k_when_the_first_call_misses_a_task():
 # ---------------------------------------------------------------- 3. random draws
 
 
+@pytest.mark.parametrize("present", [P, [3]], ids=str)
 @pytest.mark.parametrize("name", sorted(SEEDED))
-def test_generator_advances_as_in_an_all_present_call(name):
+def test_generator_advances_as_in_an_all_present_call(name, present):
     j = jac(7)
     agg, twin = build(name, seed=11), build(name, seed=11)
     for kind in kinds(name):
-        with missing(agg):
-            call(agg, kind, j[P])
+        with missing(agg, present):
+            call(agg, kind, j[present])
         call(twin, kind, j)
         assert torch.equal(agg.generator.get_state(), twin.generator.get_state()), kind
 
