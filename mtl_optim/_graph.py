@@ -9,6 +9,7 @@ can route a loss's gradient to only part of what it reaches (see ``TaskGradients
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -16,11 +17,16 @@ __all__ = ["JOIN", "as_losses", "reachable_params", "walk"]
 
 
 def as_losses(
-    losses: Sequence[Tensor] | Tensor, num_tasks: int | None, differentiable: bool = True
+    losses: Sequence[Tensor | None] | Tensor,
+    num_tasks: int | None,
+    differentiable: bool = True,
+    missing: bool = False,
 ) -> list[Tensor]:
     """Validate user losses: K scalar, floating, differentiable tensors (K fixed once known).
 
-    ``differentiable=False`` accepts loss values without a graph (re-evaluated losses).
+    ``differentiable=False`` accepts loss values without a graph (re-evaluated losses);
+    ``missing=True`` accepts ``None`` for a task without a label in the batch (kept as
+    ``None`` in the returned list, which is then a ``list[Tensor | None]``).
     """
     if isinstance(losses, Tensor):
         if losses.dim() != 1:
@@ -28,7 +34,7 @@ def as_losses(
                 f"losses given as a tensor must be 1-D with one entry per task, got shape "
                 f"{tuple(losses.shape)}"
             )
-        items = list(losses.unbind())
+        items: list[Any] = list(losses.unbind())
     elif isinstance(losses, (str, bytes)) or not isinstance(losses, Iterable):
         raise TypeError(
             f"losses must be a sequence of scalar tensors or a 1-D tensor, got "
@@ -39,8 +45,11 @@ def as_losses(
     if not items:
         raise ValueError("losses is empty: pass one scalar loss per task")
     for i, loss in enumerate(items):
+        if loss is None and missing:
+            continue
         if not isinstance(loss, Tensor):
-            raise TypeError(f"loss {i} is a {type(loss).__name__}, expected a scalar tensor")
+            hint = " (or None for a task without labels in this batch)" if missing else ""
+            raise TypeError(f"loss {i} is a {type(loss).__name__}, expected a scalar tensor{hint}")
         if loss.numel() != 1:
             raise ValueError(
                 f"loss {i} is not a scalar: shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
@@ -57,7 +66,8 @@ def as_losses(
             f"got {len(items)} losses but this optimizer was first called with {num_tasks}; "
             "the number of tasks is fixed after the first backward"
         )
-    return [loss.reshape(()) for loss in items]
+    out: list[Any] = [None if loss is None else loss.reshape(()) for loss in items]
+    return out
 
 
 def reachable_params(loss: Tensor) -> set[int]:

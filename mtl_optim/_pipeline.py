@@ -31,6 +31,7 @@ from torch import Tensor
 from ._distributed import Replicas
 from ._host import Host
 from ._linalg import gramian
+from ._missing import restricted, scatter
 from ._streamed_gramian import GramianPass, prefers_gramian
 from .aggregators import GramianWeightedAggregator, WeightedAggregator
 from .engine import TaskGradients, reachable_params
@@ -52,14 +53,62 @@ class Pipeline:
         self.gram: Tensor | None = None  # the Gramian route's last Gramian, for hooks
         self._upstream: set[int] | None = None  # params above `features`, found on first use
         self.external: list[Tensor | None] | None = None  # .grad at the window start
+        self.new_window()
+
+    def new_window(self) -> None:
+        """A step's window starts: no ``backward`` yet, every task present so far."""
+        self.external = None
+        #: tasks present in this window (partial labels): ``None`` when every backward had
+        #: every task, else the union of the batches' ``(K,)`` CPU bool masks
+        self.window_present: Tensor | None = None
+        #: this backward's present tasks, and the rows the next combination sees
+        self.batch_present: Tensor | None = None
+        self.rows_present: Tensor | None = None
+        self.window_values: Tensor | None = None  # each task's latest loss value (partial labels)
+        self.ran = False
+        self.saw_empty = False
+
+    @property
+    def nothing_present(self) -> bool:
+        """Every ``backward`` of this window had no task: ``step`` changes nothing."""
+        return self.saw_empty and not self.ran
+
+    def _join(self, present: Tensor | None, values: Tensor) -> None:
+        """Add one batch's present tasks to the window's."""
+        self.batch_present = present
+        if not self.ran:
+            self.window_present = present
+        elif self.window_present is not None:
+            union = None if present is None else self.window_present | present
+            self.window_present = None if union is None or bool(union.all()) else union
+        if present is not None:
+            if self.window_values is None:
+                self.window_values = values.clone()
+            else:
+                index = present.nonzero().flatten().to(values.device)
+                self.window_values[index] = values[index]
+        else:
+            self.window_values = values
+        self.ran = True
 
     # --- the run --------------------------------------------------------------------------
-    def run(self, losses: list[Tensor], values: Tensor, features: list[Tensor] | None) -> None:
-        """Stages 1–5 for one ``backward`` call (the route chosen from the method's needs)."""
+    def run(
+        self,
+        losses: list[Tensor],
+        values: Tensor,
+        features: list[Tensor] | None,
+        present: Tensor | None = None,
+    ) -> None:
+        """Stages 1–5 for one ``backward`` call (the route chosen from the method's needs).
+
+        ``present``: ``None`` when every task has a loss, else the ``(K,)`` CPU bool mask of
+        the tasks present (a missing task's loss is a constant zero, see :mod:`._missing`).
+        """
         opt = self._opt
         opt.guard.start_window()
+        self._join(present, values)
         mix, heads_loss = opt.task_objectives(losses, values)
-        if opt.aggregator is not None and opt.aggregator.needs_losses:
+        if opt.aggregator is not None and opt.aggregator.needs_losses and present is None:
             opt.aggregator.set_losses(values)
         self.gram = None
         engine = opt._engine
@@ -171,9 +220,11 @@ class Pipeline:
         if opt.weighting is None:
             opt.guard.set_weights(None)
             return None, stacked.sum()
-        leaf = values.clone().requires_grad_(True)
-        with torch.enable_grad():
-            objectives = opt.weighting(leaf)
+        present = self.batch_present
+        with restricted(opt.weighting, present) as index:
+            leaf = (values if index is None else values[index]).clone().requires_grad_(True)
+            with torch.enable_grad():
+                objectives = opt.weighting(leaf)
         if objectives.shape != leaf.shape:
             raise ValueError(
                 f"{opt.weighting!r} returned shape {tuple(objectives.shape)}, "
@@ -190,6 +241,12 @@ class Pipeline:
                 for o in objectives.unbind()
             ]
             mix = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
+        if index is not None:  # D over the present tasks, zero rows and columns elsewhere
+            k = values.numel()
+            full = mix.new_zeros(k, k)
+            at = index.to(mix.device)
+            full[at[:, None], at] = mix
+            mix = full
         heads_loss = (mix.sum(0).detach() * stacked).sum()
         if objectives.requires_grad:  # learnable weighting parameters (e.g. uncertainty)
             learnable = objectives.sum() - objectives.sum().detach()
@@ -197,7 +254,8 @@ class Pipeline:
                 learnable = learnable * opt._scale
             heads_loss = heads_loss + learnable
         w = opt.weighting.weights
-        opt.guard.set_weights(None if w is None else w.detach())
+        w = None if w is None else scatter(w.detach(), index, values.numel())
+        opt.guard.set_weights(w)
         return mix.detach(), heads_loss
 
     # --- stage 4: combine ---------------------------------------------------------------
@@ -207,34 +265,57 @@ class Pipeline:
         agg = opt.aggregator
         if agg is None:  # equal weights, as the single-pass route reports them
             if opt.guard.last_weights is None:
-                opt.guard.set_weights(torch.ones(jacobian.shape[0], device=jacobian.device))
+                present = self.rows_present
+                ones = torch.ones(jacobian.shape[0], device=jacobian.device)
+                opt.guard.set_weights(ones if present is None else present.to(ones))
             return jacobian.sum(0)
         if isinstance(agg, WeightedAggregator):
             return self.row_weights(agg, jacobian) @ jacobian
         opt.guard.set_weights(None)
-        return opt._engine.aggregate(agg, jacobian)
+        return self.present_rows(opt._engine.aggregate, agg, jacobian, rows=False)
 
     def row_weights(self, agg: WeightedAggregator, jacobian: Tensor) -> Tensor:
-        """The aggregator's row weights, folded into ``last_weights`` (times the weighting's)."""
-        w = self._opt._engine.row_weights(agg, jacobian)
+        """The aggregator's row weights, folded into ``last_weights`` (times the weighting's);
+        with a task missing, the weights of the present rows and 0 for the others."""
+        w = self.present_rows(self._opt._engine.row_weights, agg, jacobian, rows=True)
         self._opt.guard.fold_weights(w)
         return w
+
+    def transform(self, agg: object, jacobian: Tensor) -> Tensor:
+        """The aggregator's per-task rows (AdaTask), zero rows for missing tasks."""
+        return self.present_rows(self._opt._engine.transform, agg, jacobian, rows=True)
+
+    def present_rows(self, fn: object, agg: object, jacobian: Tensor, rows: bool) -> Tensor:
+        """``fn(agg, J)``, or with a task missing ``fn`` on the present rows only (the
+        aggregator told which ones), its per-row result scattered back to K rows."""
+        present = self.rows_present
+        if present is None:
+            return fn(agg, jacobian)  # type: ignore[operator]
+        with restricted(agg, present) as index:
+            assert index is not None
+            if getattr(agg, "needs_losses", False) and self.window_values is not None:
+                agg.set_losses(self.window_values[index.to(self.window_values.device)])  # type: ignore[attr-defined]
+            out = fn(agg, jacobian[index.to(jacobian.device)])  # type: ignore[operator]
+        return scatter(out, index, jacobian.shape[0]) if rows else out
 
     # --- stage 2 and the routes ---------------------------------------------------------
     def sum_route(self, total: Tensor) -> None:
         """No per-task gradient: one reverse pass of the weighted sum for every parameter."""
         opt = self._opt
-        total.backward()
+        if total.requires_grad:  # not on a rank where no task is present
+            total.backward()
         self.mean_grads([p for g in opt.param_groups for p in g["params"] if p.requires_grad])
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         opt.guard.check([p.grad for p in params], "gradient")
         if opt.guard.last_weights is None:
-            opt.guard.set_weights(torch.ones(opt._engine.num_tasks, device=total.device))
+            ones = torch.ones(opt._engine.num_tasks, device=total.device)
+            present = self.batch_present
+            opt.guard.set_weights(ones if present is None else present.to(ones))
 
     def heads(self, heads_loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
         """The task-specific parameters' gradients, in one reverse pass (checked by the caller,
         together with the shared ones: one host sync per ``backward``)."""
-        if inputs:
+        if inputs and heads_loss.requires_grad:
             torch.autograd.backward(heads_loss, inputs=inputs, retain_graph=True)
             self.mean_grads(inputs)
         return [p.grad for p in inputs if p.grad is not None]
@@ -249,6 +330,7 @@ class Pipeline:
         jacobian = engine.compute(losses, mix=row_mix)
         if not opt.guard.check([*heads, jacobian], "gradient"):
             return
+        self.rows_present = self.window_present  # J sums the window's batches
         jacobian = self.unscale(jacobian)
         if opt._weighting_needs_j:
             jacobian = self.observe(jacobian)
@@ -272,7 +354,14 @@ class Pipeline:
             mix64 = mix.to(gram)
             gram = mix64 @ gram @ mix64.T
         self.gram = gram
-        w = opt.aggregator.weights_from_gramian(gram)
+        with restricted(opt.aggregator, self.batch_present) as index:
+            if index is None:
+                w = opt.aggregator.weights_from_gramian(gram)
+            else:  # the principal submatrix of the present tasks
+                at = index.to(gram.device)
+                w = scatter(
+                    opt.aggregator.weights_from_gramian(gram[at[:, None], at]), index, gram.shape[0]
+                )
         opt.guard.fold_weights(w)
         coeff = w if mix is None else w.to(mix.dtype) @ mix
         shared = engine.shared
@@ -303,6 +392,7 @@ class Pipeline:
         above = [p for p in params if id(p) in self._upstream]
         heads = self.heads(heads_loss, [p for p in params if id(p) not in self._upstream])
         grads_z = opt._engine.representation(losses, zs)
+        self.rows_present = self.batch_present
         replicas = opt._replicas_()
         # across ranks grads_z differs per rank: it is checked through the summed Gramian
         if not opt.guard.check(heads if replicas.active else [*heads, grads_z], "gradient"):
@@ -337,7 +427,14 @@ class Pipeline:
         gram = gram / replicas.size**2
         if not opt.guard.check([gram], "gradient"):
             return None
-        w = opt.aggregator.weights_from_gramian(gram)
+        with restricted(opt.aggregator, self.batch_present) as index:
+            if index is None:
+                w = opt.aggregator.weights_from_gramian(gram)
+            else:
+                at = index.to(gram.device)
+                w = scatter(
+                    opt.aggregator.weights_from_gramian(gram[at[:, None], at]), index, gram.shape[0]
+                )
         opt.guard.fold_weights(w)
         return w.to(grads_z.dtype) @ grads_z
 
@@ -362,7 +459,12 @@ class Pipeline:
         opt = self._opt
         params = opt.weighting.parameters() if opt._scale is not None else []
         before = [None if p.grad is None else p.grad.clone() for p in params]
-        out = opt.weighting.observe(jacobian)
+        with restricted(opt.weighting, self.rows_present) as index:
+            if index is None:
+                out = opt.weighting.observe(jacobian)
+            else:
+                out = opt.weighting.observe(jacobian[index.to(jacobian.device)])
+                out = scatter(out, index, jacobian.shape[0])
         scale = opt._scale
         for p, old in zip(params, before):
             if p.grad is not None and scale is not None:

@@ -330,6 +330,9 @@ class TaskGradients:
         dtype = torch.promote_types(features[0].dtype, torch.float32)
         out = torch.empty(len(losses), n, dtype=dtype, device=features[0].device)
         for i, loss in enumerate(losses):
+            if loss.grad_fn is None:  # a missing task (partial labels): a zero row
+                out[i].zero_()
+                continue
             grads = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
             _flat_grads(grads, features, out[i])
         return out  # never averaged across ranks: each rank's z holds different samples

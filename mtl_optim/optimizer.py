@@ -17,6 +17,7 @@ from ._extension import Extensible
 from ._gradient_info import GradientHook, call_hooks
 from ._guard import Guard, NonFiniteError
 from ._loop import check_plain_backward, needs_closure, step_with_closure
+from ._missing import Batch, post_step, refuse_unsupported, warn_empty
 from ._pipeline import Pipeline
 from ._sharded import make_engine
 from .aggregators import Aggregator, GramianWeightedAggregator
@@ -75,6 +76,11 @@ class MTLOptimizer(Extensible, Optimizer):
     agents) from rank 0 at the first ``backward``, so all ranks compute the same update. With
     ``DistributedDataParallel``, run forward and ``backward`` under ``model.no_sync()``.
 
+    **Partial labels.** ``opt.backward([l0, None, l2])``: ``None`` marks a task without a label
+    in the batch. It leaves the objective; the weighting and the aggregator work over the
+    present tasks only (weights 0 for the others, no rescaling by :math:`K/m`), its head keeps
+    ``.grad = None`` and no state of it moves (see docs/methods/partial-labels.md).
+
     **Mixed precision.** ``opt.backward(losses, scaler=grad_scaler)``, then
     ``scaler.step(opt); scaler.update()``: methods see unscaled gradients and losses.
 
@@ -88,19 +94,15 @@ class MTLOptimizer(Extensible, Optimizer):
             again when ``requires_grad`` flags or param groups change): a parameter that two
             or more losses reach in the autograd graph is shared; where the graph joins the
             tasks (stacked losses, a compiled model) the per-task gradients settle it once.
-        route: how shared gradients are formed when an aggregator is set.
-            ``"jacobian"`` stores the ``(K, d)`` per-task gradients ``J`` and combines them.
-            ``"gramian"`` (only for :class:`~mtl_optim.aggregators.GramianWeightedAggregator`
-            aggregators) never stores ``J``: Linear layers give their Gramian
-            :math:`\langle \delta_i, XX^\top\delta_j\rangle` from inputs and output gradients
-            (:mod:`mtl_optim._streamed_gramian`), and the weights combine the kept output
-            gradients without a second backward; several ``backward`` calls before ``step``
-            then combine each batch on its own. ``"auto"`` (default) takes the Gramian route
-            where that is legal (a Gramian aggregator, no per-task state, nothing that needs
-            ``J``, one process, the first ``backward`` of a window) and cheaper or ``J`` would
-            not fit a quarter of the free memory, else the Jacobian route with its numbers bit
-            for bit (measured crossover: docs/design.md, "Routes";
-            ``benchmarks/results/vs_torchjd.md``).
+        route: ``"jacobian"`` stores the ``(K, d)`` per-task gradients ``J`` and combines
+            them. ``"gramian"`` (Gramian aggregators only) never stores ``J``: Linear layers give
+            :math:`\langle \delta_i, XX^\top\delta_j\rangle` from inputs and output gradients,
+            and the weights combine the kept output gradients without a second backward (each
+            ``backward`` of a window is combined on its own). ``"auto"`` (default) takes the
+            Gramian route where it is legal (a Gramian aggregator, no per-task state or ``J``
+            consumer, one process, a window's first ``backward``) and cheaper, or ``J`` would
+            not fit a quarter of the free memory; else the Jacobian route, bit for bit (the
+            crossover: docs/design.md, "Routes").
         process_group: the ``torch.distributed`` group to average over; ``None`` = the default
             group when one is initialised (see "Distributed training" above).
         nonfinite: ``"skip"`` (default) turns the next ``step`` into a no-op with a warning when
@@ -225,7 +227,7 @@ class MTLOptimizer(Extensible, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         check_plain_backward(self)
-        if not self.guard.skipping:
+        if not self.guard.skipping and not self._pipeline.nothing_present:
             self._clip()
             self.apply_update()
             if self.weighting is not None:
@@ -307,14 +309,11 @@ class MTLOptimizer(Extensible, Optimizer):
             with torch.no_grad():
                 opt.update_weighting(model_losses(x, ys))
 
-        Non-finite losses are ignored with a warning (or raise, per ``nonfinite``).
+        Non-finite losses are ignored with a warning (or raise, per ``nonfinite``). With
+        partial labels, pass ``None`` where ``backward`` did.
         """
-        if self.weighting is None:
-            return
-        values = torch.stack([loss.detach() for loss in as_losses(losses, self.num_tasks, False)])
-        self._replicas_().mean_([values])
-        if self.guard.check([values], "loss", skip=False):
-            self.weighting.post_step(values)
+        if self.weighting is not None:
+            post_step(self, as_losses(losses, self.num_tasks, False, missing=True))
 
     def backward(
         self,
@@ -340,7 +339,7 @@ class MTLOptimizer(Extensible, Optimizer):
                 step is skipped, as GradScaler does.
         """
         joined = isinstance(losses, Tensor)  # one stacked tensor: the graph joins the tasks
-        losses = as_losses(losses, self._engine.num_tasks)
+        items = as_losses(losses, self._engine.num_tasks, missing=True)
         self._scale = None
         self._backward_calls += 1
         if self.guard.skipping:  # this window already saw a non-finite value
@@ -349,8 +348,12 @@ class MTLOptimizer(Extensible, Optimizer):
         self._engine.validate(self, features)
         if features is not None:  # validated before any state moves
             features = self._pipeline.check_features(features, replicas)
-        values = torch.stack([loss.detach() for loss in losses])
-        replicas.mean_([values])  # every rank weights with the same (whole-batch) losses
+        refuse_unsupported(self, items)
+        batch = Batch(self, items, replicas)  # every rank weights with the same losses
+        if batch.empty:
+            self._pipeline.saw_empty = True
+            return warn_empty(self)
+        losses, values = batch.losses, batch.values
         if not self.guard.check([values], "loss"):
             return
         if not self._engine.ready:
@@ -359,18 +362,19 @@ class MTLOptimizer(Extensible, Optimizer):
             self._layout = self._param_layout()
             replicas.broadcast_state([self.aggregator, self.weighting])
         elif self._param_layout() != self._layout:
+            refuse_unsupported(self, items, redetect=True)
             self._pipeline.redetect(losses, joined, self._shared_arg)
         if scaler is not None and scaler.is_enabled():
             one = torch.ones((), dtype=torch.float32, device=losses[0].device)
             self._scale = scaler.scale(one)
             losses = [scaler.scale(loss) for loss in losses]
-        self._pipeline.run(losses, values, features)
+        self._pipeline.run(losses, values, features, batch.present)
         call_hooks(self, values, features is not None)
 
     # --- internals -------------------------------------------------------------------
     def _new_window(self) -> None:
         self._engine.reset()
-        self._pipeline.external = None
+        self._pipeline.new_window()
         self.guard.new_window()
         self.window_reset()
 

@@ -15,7 +15,7 @@ from .._backend import triton_installed as _triton_installed
 from ..aggregators import WeightedAggregator
 from ..engine import GroupSlice
 from ..optimizer import MTLOptimizer
-from .rules import RULES, chunked_update
+from .rules import RULES, chunked_update, per_task_update
 
 __all__ = ["AdaTask"]
 
@@ -61,6 +61,7 @@ class AdaTask(MTLOptimizer):
         base: type[torch.optim.Optimizer] = Adam,
         *,
         fused: bool | None = None,
+        missing: str = "freeze",
         **kwargs: Any,
     ) -> None:
         if base not in RULES:
@@ -69,7 +70,12 @@ class AdaTask(MTLOptimizer):
             raise TypeError(f"AdaTask supports base in {{{names}}}, got {got}")
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        if missing not in ("freeze", "zero"):
+            raise ValueError(f"missing must be 'freeze' or 'zero', got {missing!r}")
         self.fused = fused
+        self.missing = missing
+        # tasks present in the window of _task_grads (None: all), for missing="freeze"
+        self._task_present: Tensor | None = None
         self._rule = RULES[base]
         self._kernel = _KERNELS[base]
         # per (group, cohort) of the engine's slices: "step" and (K, n) buffers
@@ -129,8 +135,9 @@ class AdaTask(MTLOptimizer):
         elif isinstance(agg, WeightedAggregator):
             rows = self._pipeline.row_weights(agg, jacobian).unsqueeze(1) * jacobian
         else:
-            rows = self._engine.transform(agg, jacobian)
+            rows = self._pipeline.transform(agg, jacobian)
         self._task_grads = rows
+        self._task_present = self._pipeline.rows_present if self.missing == "freeze" else None
         return rows.sum(0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -141,6 +148,7 @@ class AdaTask(MTLOptimizer):
             self._task_grads = torch.zeros_like(self._task_grads)
         elif set_to_none:
             self._task_grads = None
+            self._task_present = None
 
     def shared_set_changing(self, shared: set[int]) -> dict[int, int]:
         """Before a new shared set: park the state of parameters that leave it, and give each
@@ -190,7 +198,8 @@ class AdaTask(MTLOptimizer):
             if all(piece is None for piece in pieces):
                 continue  # newcomers only: state starts fresh at the first step
             kept = [piece for piece in pieces if piece is not None]
-            if len(kept) < len(pieces) or len({float(piece["step"]) for piece in kept}) > 1:
+            ages = {tuple(piece["step"].reshape(-1).tolist()) for piece in kept}
+            if len(kept) < len(pieces) or len(ages) > 1:
                 raise RuntimeError("internal error: a cohort mixes parameters of different ages")
             rebuilt[(s.group, s.cohort)] = {
                 key: kept[0]["step"].clone()
@@ -222,6 +231,14 @@ class AdaTask(MTLOptimizer):
                 (s.group, s.cohort), {"step": torch.zeros((), dtype=torch.float32)}
             )
             grads = rows[:, s.start : s.stop]
+            if self._task_present is not None or state["step"].dim() == 1:
+                # partial labels: each task's own counter, missing tasks frozen
+                steps = per_task_update(
+                    self._rule, group, grads, s.params, state, self._task_present
+                )
+                for observe in list(self._observer_hooks.values()):
+                    observe(s, steps)
+                continue
             if self._fused_for(s, grads):
                 _kernel(self._kernel)(group, grads, s.params, state)
                 continue

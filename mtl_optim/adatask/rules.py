@@ -18,7 +18,16 @@ from torch.optim import Adagrad, Adam, AdamW, RMSprop
 
 from .._backend import scalar as _scalar
 
-__all__ = ["CHUNK_ELEMENTS", "RULES", "Rule", "adagrad", "adam", "chunked_update", "rmsprop"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "RULES",
+    "Rule",
+    "adagrad",
+    "adam",
+    "chunked_update",
+    "per_task_update",
+    "rmsprop",
+]
 
 # A rule updates one group's per-task state from its (K, n) gradient rows and returns
 # (per-task steps U, alpha) such that the parameters move by alpha * U.sum(0).
@@ -30,7 +39,7 @@ def _flat(params: tuple[Tensor, ...]) -> Tensor:
 
 
 def _buffer(state: dict, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
-    if isinstance(state, _Columns):
+    if isinstance(state, (_Columns, _Row)):
         return state.buffer(key, like, fill)
     if key not in state:
         state[key] = torch.full(like.shape, fill, dtype=like.dtype, device=like.device)
@@ -61,6 +70,67 @@ class _Columns(dict):
                 (like.shape[0], n), fill, dtype=like.dtype, device=like.device
             )
         return self.parent[key][:, self.a : self.b]
+
+
+class _Row(dict):
+    """A rule's view of one task's row of a group's per-task state (partial labels).
+
+    ``step`` is the task's own counter, a 0-d view into the ``(K,)`` step tensor (the rule
+    advances it in place); buffers are created ``(K, width)`` in the group state and returned
+    as ``(1, width)`` views of row ``i``.
+    """
+
+    def __init__(self, state: dict, i: int, width: int) -> None:
+        super().__init__(step=state["step"][i])
+        self.parent, self.i, self.width = state, i, width
+
+    def buffer(self, key: str, like: Tensor, fill: float) -> Tensor:
+        if key not in self.parent:
+            k = self.parent["step"].shape[0]
+            self.parent[key] = torch.full(
+                (k, self.width), fill, dtype=like.dtype, device=like.device
+            )
+        return self.parent[key][self.i : self.i + 1]
+
+
+def per_task_update(
+    rule: Rule,
+    group: dict,
+    grads: Tensor,
+    params: tuple[Tensor, ...],
+    state: dict,
+    present: Tensor | None,
+) -> Tensor:
+    r"""One step of a param group where tasks may be missing (partial labels); returns the
+    ``(K, n)`` per-task steps (zero rows for missing tasks), already applied to ``params``.
+
+    Each present task :math:`i` runs the rule on its own row with its own step counter
+    :math:`k_i` (``state["step"]`` becomes a ``(K,)`` tensor), so its moments are the base
+    optimizer's run on the batches where task :math:`i` was present; a missing task's moments
+    and counter do not move. L2 weight decay is shared among the :math:`m` present tasks
+    (:math:`\lambda	heta/m` each); decoupled weight decay is applied once.
+    """
+    k, width = grads.shape
+    if state["step"].dim() == 0:  # from one shared counter to one per task
+        state["step"] = state["step"].reshape(1).repeat(k)
+    rows = range(k) if present is None else present.nonzero().flatten().tolist()
+    sub = group
+    wd = group.get("weight_decay", 0)
+    if wd != 0 and group.get("decoupled_weight_decay", False):
+        torch._foreach_mul_(list(params), 1 - _scalar(group["lr"]) * wd)
+        sub = {**group, "weight_decay": 0}
+    steps = grads.new_zeros(k, width)
+    with torch.no_grad():
+        for i in rows:
+            step, alpha = rule(sub, grads[i : i + 1], params, _Row(state, i, width), len(rows))
+            steps[i] = step[0] * alpha if alpha != 1.0 else step[0]
+        update = steps.sum(0)
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        adds = [update[o : o + p.numel()].view_as(p).to(p.dtype) for o, p in zip(offsets, params)]
+        torch._foreach_add_(list(params), adds)
+    return steps
 
 
 def _chunks(params: tuple[Tensor, ...], k: int) -> list[tuple[int, int, tuple[Tensor, ...]]]:

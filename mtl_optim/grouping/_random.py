@@ -103,6 +103,10 @@ class RandomTaskGrouping(MTLOptimizer):
             hyperparameters.
     """
 
+    #: Partial labels (``None`` losses) are refused: each step already trains a drawn subset
+    #: of the tasks, and a missing task would silently shrink the group.
+    supports_missing = False
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
