@@ -25,7 +25,14 @@ Our decisions where the official code is silent or wrong (see docs/methods/adata
   raise;
 * per-group ``lr``, betas and ``eps`` are honoured; a task that does not reach a shared
   parameter contributes a zero gradient (its moments still decay);
-* no 1/K factor: with K identical tasks the shared step is K Adam steps, as in the paper.
+* no 1/K factor: with K identical tasks the shared step is K Adam steps, as in the paper;
+* partial labels (``None`` for a task in ``opt.backward``): ``missing="freeze"`` (default)
+  leaves the missing task's moments and its own step counter :math:`k_i` untouched
+  (``state["step"]`` becomes a ``(K,)`` tensor at the first missing task), so task
+  :math:`i`'s moments are the base rule run on the batches where it was present, with
+  :math:`1-\beta^{k_i}` bias corrections; L2 weight decay is then shared among the present
+  tasks. ``missing="zero"`` feeds the task a zero gradient instead (moments decay, one
+  counter). See docs/methods/partial-labels.md.
 
 With K = 1 every rule performs exactly torch's single-tensor operations, so AdaTask equals its base
 bit for bit. With an ``aggregator``, task ``i``'s moments receive row ``i`` of

@@ -51,6 +51,10 @@ class AdaTask(MTLOptimizer):
     the update itself reads the per-task gradients, so clipping ``.grad`` of shared parameters
     does not change it, and gradients from other ``backward`` calls on shared parameters are
     not used by the shared update.
+
+    ``missing``: what a task passed as ``None`` to ``backward`` (no label in the batch) does
+    to its per-task state: ``"freeze"`` (default) leaves its moments and its own step counter
+    as they are, ``"zero"`` treats it as a zero gradient (see the module docstring).
     """
 
     per_task_state = True
