@@ -10,6 +10,7 @@ from torch import Tensor
 from .._validation import positive
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
+from ._present import num_tasks, present_index
 
 
 class DWA(Weighting):
@@ -34,14 +35,24 @@ class DWA(Weighting):
     2x25 iterations instead of epochs; that is not what this class does. A zero epoch-mean loss
     makes the ratio undefined and raises ``ValueError``.
 
-    State (:meth:`state_dict`): the last two epoch means, the running sum and count of the
-    current epoch, and the number of completed epochs.
+    Partial labels (``supports_missing``): a batch without task :math:`i`'s label leaves
+    :math:`L_i` out of its epoch sum and count, so :math:`\bar L_i(e)` is the mean over the
+    batches of epoch :math:`e` in which task :math:`i` was present; if task :math:`i` is absent
+    for a whole epoch, its previous mean is carried forward (its next ratio is 1). A task has a
+    ratio once two epoch means exist since its first appearance. For the present tasks
+    :math:`P`, the tasks :math:`R \subseteq P` that have a ratio share
+    :math:`w_R = |R| \operatorname{softmax}_R(r_R / T)` and the others get :math:`w_i = 1`, so
+    the weights sum to :math:`m = |P|` (to :math:`K` with every task present, as above).
+
+    State (:meth:`state_dict`): the last two epoch means, the running sum and per-task counts
+    of the current epoch, and the number of completed epochs.
 
     Args:
         temperature: :math:`T` (official default 2).
     """
 
     separable = True
+    supports_missing = True
 
     def __init__(self, temperature: float = 2.0) -> None:
         self.temperature = positive("temperature", temperature)
@@ -55,21 +66,40 @@ class DWA(Weighting):
     def epochs(self) -> int:
         return self._epoch.epochs
 
-    def current_weights(self, k: int) -> Tensor:
-        """The float64 ``(k,)`` weights of the current epoch."""
+    def current_weights(self, k: int, present: Tensor | None = None) -> Tensor:
+        """The float64 weights of the current epoch for ``k`` tasks: ``(k,)``, or ``(m,)`` for
+        the ``present`` task indices."""
+        m = k if present is None else present.numel()
         if len(self._history) < 2:
-            return torch.ones(k, dtype=torch.float64)
+            return torch.ones(m, dtype=torch.float64)
         prev2, prev1 = self._history
         if prev1.numel() != k:
             raise ValueError(f"{self!r} was run with {prev1.numel()} tasks, got {k}")
-        if bool((prev2 == 0).any()):
+        known = ~torch.isnan(prev2)  # tasks with two epoch means (a ratio)
+        if present is None and bool(known.all()):
+            if bool((prev2 == 0).any()):
+                raise ValueError(f"{self!r}: an epoch-mean loss is 0, the DWA ratio is undefined")
+            r = prev1 / prev2
+            return k * torch.softmax(r / self.temperature, dim=0)
+        index = torch.arange(k) if present is None else present
+        known_p = known[index]
+        before, last = prev2[index][known_p], prev1[index][known_p]
+        if bool((before == 0).any()):
             raise ValueError(f"{self!r}: an epoch-mean loss is 0, the DWA ratio is undefined")
-        r = prev1 / prev2
-        return k * torch.softmax(r / self.temperature, dim=0)
+        w = torch.ones(m, dtype=torch.float64)
+        if before.numel():
+            w[known_p] = before.numel() * torch.softmax(last / before / self.temperature, dim=0)
+        return w
 
     def forward(self, losses: Tensor) -> Tensor:
-        self._epoch.add(losses, self._owner)
-        w = self.current_weights(losses.numel()).to(dtype=losses.dtype, device=losses.device)
+        index = present_index(self, losses.numel())
+        if index is None:
+            self._epoch.add(losses, self._owner)
+            k = losses.numel()
+        else:
+            k = num_tasks(self, losses.numel())
+            self._epoch.add(losses, self._owner, index, k)
+        w = self.current_weights(k, index).to(dtype=losses.dtype, device=losses.device)
         self.weights = w
         return w * losses
 
@@ -92,6 +122,7 @@ class DWA(Weighting):
         self._history = [torch.as_tensor(h, dtype=torch.float64).clone() for h in mine["history"]]
         self._history = self._history[-2:]
         self._epoch.load_state_dict(mine)
+        self._epoch.seed_last(self._history[-1] if self._history else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(temperature={self.temperature!r})"
