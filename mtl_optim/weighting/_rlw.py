@@ -10,6 +10,7 @@ from torch import Tensor
 from .._method import Seeded
 from .._validation import positive
 from ._base import Weighting
+from ._present import num_tasks, present_index
 
 Distribution = Literal["normal", "dirichlet"]
 _DISTRIBUTIONS = get_args(Distribution)
@@ -38,6 +39,12 @@ class RLW(Seeded, Weighting):
     nondeterministically. Its state is in :meth:`state_dict`, so a resumed run draws the same
     weights as an uninterrupted one.
 
+    Partial labels (``supports_missing``): every call still draws :math:`K` numbers (the
+    generator advances as in an all-present call, so the stream does not depend on which tasks
+    are present, and matches across processes), and the weights are formed over the present
+    tasks :math:`P` only: :math:`w_P = s \cdot \operatorname{softmax}(\tilde\lambda_P)`, or
+    :math:`w_P = s \cdot e_P / \sum_{j \in P} e_j`; they sum to :math:`s` over :math:`P`.
+
     Args:
         distribution: ``"normal"`` or ``"dirichlet"``.
         scale: the sum of the weights.
@@ -45,6 +52,7 @@ class RLW(Seeded, Weighting):
     """
 
     separable = True
+    supports_missing = True
 
     def __init__(
         self, distribution: Distribution = "normal", scale: float = 1.0, seed: int | None = None
@@ -55,16 +63,27 @@ class RLW(Seeded, Weighting):
         self.scale = positive("scale", scale)
         super().__init__(seed)
 
-    def sample(self, k: int) -> Tensor:
-        """Draw the next ``(k,)`` float64 weights (summing to ``scale``) from the generator."""
+    def sample(self, k: int, present: Tensor | None = None) -> Tensor:
+        """Draw the next ``(k,)`` float64 weights (summing to ``scale``) from the generator;
+        with ``present`` (task indices), the ``(m,)`` weights of those tasks, formed from the
+        same ``k`` draws restricted to them."""
         if self.distribution == "normal":
             z = torch.randn(k, generator=self.generator, dtype=torch.float64)
+            if present is not None:
+                z = z[present]
             return self.scale * torch.softmax(z, dim=0)
         e = torch.empty(k, dtype=torch.float64).exponential_(1.0, generator=self.generator)
+        if present is not None:
+            e = e[present]
         return self.scale * e / e.sum()
 
     def forward(self, losses: Tensor) -> Tensor:
-        w = self.sample(losses.numel()).to(dtype=losses.dtype, device=losses.device)
+        index = present_index(self, losses.numel())
+        if index is None:
+            w = self.sample(losses.numel())
+        else:
+            w = self.sample(num_tasks(self, losses.numel()), index)
+        w = w.to(dtype=losses.dtype, device=losses.device)
         self.weights = w
         return w * losses
 

@@ -25,11 +25,15 @@ class ScaleInvariant(Weighting):
     1e-8 (losses of exactly 0 would give ``-inf``; below the floor the objective is constant, so the
     task gets no gradient), and a negative loss raises ``ValueError``.
 
+    Partial labels (``supports_missing``): the objectives are the present tasks' log losses,
+    :math:`\sum_{i \in P} \nabla L_i / L_i`.
+
     Args:
         eps: the floor under the losses before the logarithm.
     """
 
     separable = True
+    supports_missing = True
 
     def __init__(self, eps: float = LOG_EPS) -> None:
         self.eps = positive("eps", eps)
