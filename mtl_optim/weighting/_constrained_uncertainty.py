@@ -67,6 +67,12 @@ class ConstrainedUncertainty(_UncertaintyBase):
     the weights are all 1. The DWA epoch means follow :class:`DWA` (every call, float64,
     ``opt.end_epoch()`` closes an epoch, an empty epoch is not counted).
 
+    Partial labels (``supports_missing``): over the present tasks :math:`P` (:math:`m` of
+    them), :math:`u_P` uses the DWA weights of :class:`~mtl_optim.weighting.DWA` with partial
+    labels, and :math:`w_P = \operatorname{clamp}(c\, u_P, lo, hi)` sums to :math:`m`; the
+    objectives are those of :math:`P`, and :math:`s_i` of a missing task stays out of their
+    graph (``.grad`` ``None``, it does not move).
+
     State (:meth:`state_dict`): :math:`s` and the DWA state.
 
     Args:
@@ -113,11 +119,16 @@ class ConstrainedUncertainty(_UncertaintyBase):
         return self._dwa.epochs
 
     def forward(self, losses: Tensor) -> Tensor:
-        uw, s = self._uw_terms(losses)
-        self._dwa(losses.detach())  # records the epoch means; its weights are the DWA term
+        uw, s, index = self._uw_terms(losses)
+        self._dwa.present, self._dwa.all_tasks = self.present, self.all_tasks
+        try:
+            self._dwa(losses.detach())  # records the epoch means; its weights are the DWA term
+        finally:
+            self._dwa.present, self._dwa.all_tasks = None, None
         dwa = cast(Tensor, self._dwa.weights)  # set by the call above
         u = uw.detach().to(torch.float64) * dwa.to(device=uw.device, dtype=torch.float64)
-        w = bounded_rescale(u, *self.bounds, float(self.num_tasks))
+        total = self.num_tasks if index is None else index.numel()
+        w = bounded_rescale(u, *self.bounds, float(total))
         w = w.to(dtype=torch.promote_types(losses.dtype, uw.dtype))
         self.weights = w
         return w * losses + uw * losses.detach() + 0.5 * s

@@ -11,6 +11,7 @@ from torch import Tensor
 from .._validation import check_int, check_num_tasks, check_partition, positive
 from ._epoch_means import EpochMeans, pop_state
 from ._log_variance import _UncertaintyBase
+from ._present import num_tasks
 
 #: Floor under the first-epoch mean losses in the convergence ratio of ``GroupedUncertainty``.
 RATIO_EPS = 1e-12
@@ -49,8 +50,15 @@ class GroupedUncertainty(_UncertaintyBase):
     only moves tasks: the values of :math:`s` (and their optimizer state) are kept, group
     :math:`g` keeping its meaning "the :math:`g`-th fastest block".
 
+    Partial labels (``supports_missing``): the objectives are those of the present tasks; a
+    group none of whose tasks is present stays out of the graph (its :math:`s_g` keeps ``.grad``
+    ``None`` and does not move). The automatic grouping's epoch means count each task over the
+    batches in which it was present (an absent epoch carries the previous mean forward), a
+    task's first mean is that of the first epoch in which it appeared, and a task without one
+    yet ranks after the others (by index).
+
     State (:meth:`state_dict`): :math:`s`, the assignment, the first epoch mean, and the
-    running epoch sum, count and counter.
+    running epoch sum, per-task counts and counter.
 
     Args:
         groups: the task indices of each group (a partition of ``range(K)``), or ``None``.
@@ -103,7 +111,7 @@ class GroupedUncertainty(_UncertaintyBase):
             dtype=dtype,
             device=device,
         )
-        self.assignment = torch.tensor(assignment, dtype=torch.long, device=self.log_vars.device)
+        self.assignment = torch.tensor(assignment, dtype=torch.long, device=self.factors.device)
         self.first_mean: Tensor | None = None
         self._epoch = EpochMeans()
 
@@ -133,13 +141,23 @@ class GroupedUncertainty(_UncertaintyBase):
     def epochs(self) -> int:
         return self._epoch.epochs
 
-    def task_log_vars(self) -> Tensor:
-        return self.log_vars[self.assignment]
+    def task_params(self, index: Tensor | None = None) -> list[Tensor]:
+        groups = self.assignment.tolist()
+        tasks = range(self.num_tasks) if index is None else index.tolist()
+        return [self._log_vars[groups[i]] for i in tasks]
+
+    def task_log_vars(self, index: Tensor | None = None) -> Tensor:
+        if index is None:
+            return torch.stack(self._log_vars)[self.assignment]
+        return torch.stack(self.task_params(index))
 
     def forward(self, losses: Tensor) -> Tensor:
-        w, s = self._uw_terms(losses)
+        w, s, index = self._uw_terms(losses)
         if self.automatic:
-            self._epoch.add(losses, self)
+            if index is None:
+                self._epoch.add(losses, self)
+            else:
+                self._epoch.add(losses, self, index, num_tasks(self, losses.numel()))
         self.weights = w.detach()
         return w * losses + 0.5 * s
 
@@ -150,12 +168,15 @@ class GroupedUncertainty(_UncertaintyBase):
         if mean is None:
             return
         if self.first_mean is None:
-            self.first_mean = mean
+            self.first_mean = mean  # NaN for a task not seen yet
             return
+        if bool(torch.isnan(self.first_mean).any()):  # a task's first mean: its first epoch
+            self.first_mean = torch.where(torch.isnan(self.first_mean), mean, self.first_mean)
         ratio = mean / self.first_mean.clamp(min=self.eps)
+        ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio)
         order = torch.sort(ratio, stable=True).indices.tolist()
         assignment = self._blocks(order, self.n_groups)
-        self.assignment = torch.tensor(assignment, dtype=torch.long, device=self.log_vars.device)
+        self.assignment = torch.tensor(assignment, dtype=torch.long, device=self.factors.device)
 
     def state_dict(self) -> dict[str, Any]:
         first = None if self.first_mean is None else self.first_mean.clone()
@@ -173,7 +194,7 @@ class GroupedUncertainty(_UncertaintyBase):
         if len(assignment) != self.num_tasks or not all(0 <= g < self.n_groups for g in assignment):
             raise ValueError(f"{self!r}: invalid group assignment {assignment!r} in the state")
         super().load_state_dict(state)
-        self.assignment = torch.tensor(assignment, dtype=torch.long, device=self.log_vars.device)
+        self.assignment = torch.tensor(assignment, dtype=torch.long, device=self.factors.device)
         first = mine["first_mean"]
         self.first_mean = None if first is None else torch.as_tensor(first, dtype=torch.float64)
         self._epoch.load_state_dict(mine)

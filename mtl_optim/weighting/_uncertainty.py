@@ -32,10 +32,15 @@ class Uncertainty(_UncertaintyBase):
     loss, :math:`o_i` is minimised at :math:`s_i = \log(2 L_i / k_i)` (:math:`\log L_i` by
     default), where :math:`w_i = 1/(2 L_i)`: the weights drift towards inverse losses.
 
-    :attr:`weights` are the detached :math:`e^{-s_i}/k_i`. :math:`s` is an ``nn.Parameter``
-    returned by :meth:`parameters`; ``MTLOptimizer`` trains it with the model's base optimizer
-    in its own param group with :attr:`param_group_options` (``{"lr": lr}``), and checkpoints
-    its value (the base state dict) and its optimizer state (the optimizer's).
+    :attr:`weights` are the detached :math:`e^{-s_i}/k_i`. Every :math:`s_i` is a 0-d
+    ``nn.Parameter``, returned by :meth:`parameters` (:attr:`log_vars` holds their values as one
+    ``(K,)`` tensor); ``MTLOptimizer`` trains them with the model's base optimizer in their own
+    param group with :attr:`param_group_options` (``{"lr": lr}``), and checkpoints their values
+    (the base state dict) and their optimizer state (the optimizer's).
+
+    Partial labels (``supports_missing``): the objectives are those of the present tasks
+    :math:`P`; :math:`s_i` of a missing task is not in their graph, so its ``.grad`` stays
+    ``None`` and the base optimizer does not move it or its state.
 
     Decisions: ``init`` = 0 and ``lr`` = 0.025 (Nash-MTL / IGB ``uw``; LibMTL uses
     ``init=-0.5`` and the model's learning rate, i.e. ``lr=None``). ``clip=(lo, hi)`` (TAG
@@ -77,7 +82,7 @@ class Uncertainty(_UncertaintyBase):
         )
 
     def forward(self, losses: Tensor) -> Tensor:
-        w, s = self._uw_terms(losses)
+        w, s, _ = self._uw_terms(losses)
         self.weights = w.detach()
         return w * losses + 0.5 * s
 
