@@ -12,6 +12,7 @@ from .._linalg import LOG_EPS
 from .._validation import check_nonnegative, check_num_tasks
 from ._base import Weighting
 from ._epoch_means import EpochMeans, pop_state
+from ._present import num_tasks, present_index
 
 Initial = Literal["first", "epoch"]
 _INITIAL = get_args(Initial)
@@ -61,6 +62,18 @@ class GradNorm(Weighting):
     accumulated rows and the loss ratios of the last call. A weight sum :math:`\le 0` at the
     renormalisation raises ``RuntimeError`` (lower ``lr`` or use ``clip``).
 
+    Partial labels (``supports_missing``): the objectives are :math:`w_i L_i` for the present
+    tasks :math:`P`. :math:`L_i(0)` is recorded at task :math:`i`'s first appearance (the loss of
+    that batch with ``initial="first"``; with ``initial="epoch"`` the mean over the first epoch's
+    batches in which it was present, or, for a task absent all that epoch, the loss of its first
+    batch after it; NaN in :attr:`initial_losses` until then). :meth:`observe` balances over
+    :math:`P` (:math:`\bar G` and the mean loss ratio over :math:`P`) and writes the gradient of
+    the present weights (0 for the others); :meth:`after_step` puts back the value the weight of
+    a task absent from every ``backward`` since the last step had before the step (the base
+    optimizer's state of that coordinate has seen a zero gradient) and renormalises the others,
+    :math:`w_S \leftarrow |S|\, w_S / \sum_{j \in S} w_j` over the tasks :math:`S` present in
+    some ``backward`` of the step, so :math:`\sum_P w_i = m` for a step of one batch.
+
     State (:meth:`state_dict`): :math:`w`, :math:`L(0)` and the first-epoch accumulator; the
     optimizer state of :math:`w` is in the optimizer's state dict.
 
@@ -76,6 +89,7 @@ class GradNorm(Weighting):
 
     needs_jacobian = True
     separable = True
+    supports_missing = True
 
     def __init__(
         self,
@@ -113,55 +127,121 @@ class GradNorm(Weighting):
         self.initial_losses: Tensor | None = None
         self._epoch = EpochMeans()
         self._losses: Tensor | None = None
+        self._present: Tensor | None = None  # the present tasks of the last forward (None: all)
+        self._seen: Tensor | None = None  # tasks present in some call since the last step
+        self._before: Tensor | None = None  # w before the step (for the absent tasks)
 
     def parameters(self) -> list[Tensor]:
         return [self.loss_weights]
 
     def forward(self, losses: Tensor) -> Tensor:
-        if losses.numel() != self.num_tasks:
-            raise ValueError(f"{self!r} was built for {self.num_tasks} tasks, got {losses.numel()}")
+        index = present_index(self, losses.numel())
+        k = losses.numel() if index is None else num_tasks(self, losses.numel())
+        if k != self.num_tasks:
+            raise ValueError(f"{self!r} was built for {self.num_tasks} tasks, got {k}")
         check_nonnegative(losses, type(self).__name__)
         values = losses.detach().to(torch.float64)
-        if self.initial_losses is None:
-            if self.initial == "first":
-                self.initial_losses = values.clone()
+        if index is None:
+            if self.initial_losses is None:
+                if self.initial == "first":
+                    self.initial_losses = values.clone()
+                else:
+                    self._epoch.add(values, self)
+            elif bool(torch.isnan(self.initial_losses).any()):  # first appearances
+                self._record_initial(values, torch.arange(k))
+        else:
+            if self.initial_losses is None and self.initial == "first":
+                self.initial_losses = torch.full((k,), float("nan"), dtype=torch.float64)
+            if self.initial_losses is None:
+                self._epoch.add(values, self, index, k)
             else:
-                self._epoch.add(values, self)
-        self._losses = values
-        self.weights = self.loss_weights.detach().to(losses.dtype).clone()
+                self._record_initial(values, index)
+        self._losses, self._present = values, index
+        seen = torch.ones(k, dtype=torch.bool)
+        if index is not None:
+            seen = torch.zeros(k, dtype=torch.bool)
+            seen[index] = True
+        self._seen = seen if self._seen is None else self._seen | seen
+        w = self.loss_weights.detach()
+        if index is None:
+            self.weights = w.to(losses.dtype).clone()
+        else:
+            self._before = w.clone()
+            self.weights = w[index.to(w.device)].to(losses.dtype).clone()
         return self.weights * losses
+
+    def _record_initial(self, values: Tensor, index: Tensor) -> None:
+        """Set :math:`L_i(0)` of the tasks ``index`` that have none yet to ``values``."""
+        assert self.initial_losses is not None
+        first = self.initial_losses
+        at = index.to(first.device)
+        unset = torch.isnan(first[at])
+        if bool(unset.any()):
+            first = first.clone()
+            first[at[unset]] = values.to(first)[unset]
+            self.initial_losses = first
 
     def observe(self, jacobian: Tensor) -> Tensor:
         if self.initial_losses is None or self._losses is None:  # "epoch": still in epoch 0
             return jacobian
+        index = self._present
         w = self.loss_weights.detach().to(torch.float64)
+        initial = self.initial_losses.to(self._losses.device)
+        if index is not None:
+            w, initial = w[index.to(w.device)], initial[index.to(initial.device)]
+        if jacobian.shape[0] != w.numel():
+            raise ValueError(
+                f"{self!r}: {jacobian.shape[0]} gradient rows for {w.numel()} present tasks"
+            )
         norms = torch.linalg.vector_norm(jacobian.detach(), dim=1, dtype=torch.float64)
-        ratio = self._losses / self.initial_losses.to(self._losses.device).clamp(min=self.eps)
+        ratio = self._losses / initial.clamp(min=self.eps)
         r = ratio / ratio.mean().clamp(min=self.eps)
         target = norms.mean() * r.pow(self.alpha)
         d_norm = torch.where(w != 0, norms / w, torch.zeros_like(w))  # sign(w_i) ||grad L_i||
         grad = torch.sign(norms - target) * d_norm
-        self.loss_weights.grad = grad.to(self.loss_weights)
+        if index is None:
+            self.loss_weights.grad = grad.to(self.loss_weights)
+        else:
+            full = torch.zeros_like(self.loss_weights)
+            full[index.to(full.device)] = grad.to(full)
+            self.loss_weights.grad = full
         return jacobian
 
     def after_step(self) -> None:
+        seen, before = self._seen, self._before
+        self._seen, self._before = None, None
         if self.initial_losses is None:
             return
         with torch.no_grad():
             w = self.loss_weights
             if self.clip is not None:
                 w.clamp_(*self.clip)
-            total = w.sum()
+            if seen is None or bool(seen.all()):
+                total = w.sum()
+                count = self.num_tasks
+            else:
+                at = seen.to(w.device)
+                if before is not None:  # the absent tasks' weights do not move
+                    w.copy_(torch.where(at, w, before.to(w)))
+                total = w[at].sum()
+                count = int(seen.sum())
             if not total > 0:
                 raise RuntimeError(
                     f"{self!r}: the task weights sum to {total.item()} <= 0 and cannot be "
                     "renormalised; lower lr or pass clip=(lo, hi)"
                 )
-            w.mul_(self.num_tasks / total)
+            if count == self.num_tasks:
+                w.mul_(self.num_tasks / total)
+            else:
+                w.copy_(torch.where(at, w * (count / total), w))
+
+    def restore(self, snapshot: Any) -> None:
+        super().restore(snapshot)
+        self._seen, self._before = None, None  # the skipped step's calls do not count
 
     def end_epoch(self) -> None:
         if self.initial == "epoch" and self.initial_losses is None:
-            self.initial_losses = self._epoch.close()
+            self.initial_losses = self._epoch.close()  # NaN for a task the epoch never saw
 
     def state_dict(self) -> dict[str, Any]:
         first = None if self.initial_losses is None else self.initial_losses.clone()
