@@ -58,6 +58,11 @@ class DBMTL(Weighting):
     advance :math:`t`. With ``features=`` the representation must keep its size across batches
     (LibMTL refuses representation gradients).
 
+    Partial labels are not supported (``supports_missing`` is False, and ``opt.backward`` with
+    a ``None`` loss raises ``ValueError``): the averaged gradients share one step count
+    :math:`t` and its decay :math:`\beta_t`, and every row is rescaled to the largest averaged
+    norm over all K tasks, so a task without a gradient has no honest row or average to use.
+
     State (:meth:`state_dict`): :math:`\hat g` (``(K, d)``) and :math:`t`.
 
     Args:

@@ -36,6 +36,11 @@ class GLS(Weighting):
     and the weights undefined; a floored task gets weight and gradient 0) and ``ValueError`` on a
     negative loss (the geometric mean is undefined).
 
+    Partial labels are not supported (``supports_missing`` is False, and ``opt.backward`` with
+    a ``None`` loss raises ``ValueError``): the objective is the geometric mean of all K losses,
+    and a mean over only the present tasks would be a different quantity whose scale jumps with
+    the set of tasks in the batch.
+
     Args:
         eps: the floor under the losses before the logarithm.
     """

@@ -99,6 +99,11 @@ class IGBRL(Seeded, Weighting):
     The step counts calls, i.e. ``opt.backward`` calls: with gradient accumulation count
     ``steps_per_epoch`` in ``backward`` calls.
 
+    Partial labels are not supported (``supports_missing`` is False, and ``opt.backward`` with
+    a ``None`` loss raises ``ValueError``): the agent's state is the full vector of K losses and
+    its action the K weights, and its reward compares all K losses of consecutive batches; a
+    missing loss has no value to put there.
+
     Args:
         steps_per_epoch: calls per epoch (:math:`S`, the official ``train_batch``).
         base_epoch: the 0-indexed epoch whose mean losses become the base losses.

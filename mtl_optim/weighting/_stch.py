@@ -52,6 +52,11 @@ class STCH(Weighting):
     and raise ``ValueError`` on a negative loss. Epoch means follow the accumulator shared with DWA
     and IGB (every call, float64, an empty epoch is not counted).
 
+    Partial labels are not supported (``supports_missing`` is False, and ``opt.backward`` with
+    a ``None`` loss raises ``ValueError``): the smoothed maximum is taken over all K normalised
+    losses, and dropping the absent ones would change which task is the worst, and so every
+    weight, with the set of tasks in the batch.
+
     State (:meth:`state_dict`): :math:`\bar L` (:attr:`nadir`, the official name) and the
     epoch accumulator.
 
