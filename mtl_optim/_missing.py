@@ -76,6 +76,16 @@ class Batch:
             counts = (flags * replicas.size).round()
             size = float(replicas.size)
             if not bool((counts == size).all()):
+                if getattr(opt._engine, "same_tasks_on_every_rank", False) and bool(
+                    ((counts > 0) & (counts < size)).any()
+                ):
+                    raise ValueError(
+                        "with FSDP2 (fully_shard) every rank must pass None for the same tasks: "
+                        "FSDP reduce-scatters each module's gradient during backward, so a task "
+                        "present on one rank has to be differentiated on all of them. Give the "
+                        "ranks batches labelled for the same tasks, or pass a zero-weighted loss "
+                        "(e.g. 0 * head_output.sum()) on the ranks without labels"
+                    )
                 mask = (counts > 0).cpu()
                 self.present = mask
                 counts_cpu = counts.cpu().tolist()

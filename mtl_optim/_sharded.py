@@ -71,6 +71,10 @@ class ShardedTaskGradients(ShardedLayout):
     :math:`\\sum_i c_i \\nabla L_i` from the same K passes.
     """
 
+    #: partial labels: FSDP reduce-scatters each module's gradient inside ``backward``, so every
+    #: rank must differentiate the same tasks (a task may be missing on all ranks or on none)
+    same_tasks_on_every_rank = True
+
     # --- per-task gradients -----------------------------------------------------------------
     def compute(
         self, losses: Sequence[Tensor], retain_graph: bool = False, mix: Tensor | None = None
@@ -102,8 +106,11 @@ class ShardedTaskGradients(ShardedLayout):
             for p in params:
                 p.grad = None
             for i, loss in enumerate(losses):
-                loss.backward(retain_graph=retain_graph or i < last)
                 row = target[i]
+                if loss.grad_fn is None:  # missing on every rank (partial labels): a zero row
+                    row.zero_()
+                    continue
+                loss.backward(retain_graph=retain_graph or i < last)
                 for s, owners in zip(self.slices, self._owners):
                     offset = s.start
                     for local, p in zip(s.params, owners):

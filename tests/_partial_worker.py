@@ -69,6 +69,54 @@ def train(name: str, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def missing_everywhere(step: int) -> set[int]:
+    """FSDP2: every rank misses the same tasks."""
+    return {step % K} if step % 2 else set()
+
+
+def train_sharded(name: str, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """FSDP2-sharded training (``world > 1``) with the same tasks missing on every rank, or
+    one process on the whole batch with those tasks missing."""
+    from _fsdp_worker import D_OUT, WIDTH, full, shard
+
+    model = make_model(K, seed=0, width=WIDTH, d_out=D_OUT)
+    if world > 1:
+        shard(model)
+    shared = list(model.trunk.parameters())  # after fully_shard: the DTensor parameters
+    opt = configs()[name](model.parameters(), shared)
+    for step, (x, ys) in enumerate(batches(K, STEPS, seed=1, d_out=D_OUT)):
+        if world > 1:
+            n = x.shape[0] // world
+            part = slice(rank * n, (rank + 1) * n)
+            x, ys = x[part], [y[part] for y in ys]
+        opt.zero_grad()
+        losses = model.losses(x, ys)
+        opt.backward([None if i in missing_everywhere(step) else v for i, v in enumerate(losses)])
+        opt.step()
+    return full(model)
+
+
+def sharded_refusal(rank: int) -> tuple[str, bool]:
+    """FSDP2 with different tasks missing on the ranks: the message, and whether nothing moved."""
+    from _fsdp_worker import D_OUT, WIDTH, full, shard
+
+    model = shard(make_model(K, seed=0, width=WIDTH, d_out=D_OUT))
+    opt = configs()["mgda"](model.parameters(), list(model.trunk.parameters()))
+    x, ys = batches(K, 1, seed=1, d_out=D_OUT)[0]
+    before = full(model)
+    losses = model.losses(x, ys)
+    losses[rank] = None
+    try:
+        opt.backward(losses)
+        message = ""
+    except ValueError as error:
+        message = str(error)
+    untouched = all(torch.equal(a, b) for a, b in zip(before, full(model))) and all(
+        p.grad is None for p in model.parameters()
+    )
+    return message, untouched
+
+
 def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
@@ -76,6 +124,9 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[st
     )
     try:
         results = {name: train(name, rank, world) for name in names}
+        for name in ("mgda", "adatask"):
+            results[f"fsdp-{name}"] = train_sharded(name, rank, world)
+        results["fsdp-refusal"] = sharded_refusal(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.distributed.barrier()
     finally:

@@ -348,3 +348,12 @@ def test_two_ranks_with_different_missing_tasks_equal_one_process(tmp_path):
         for r in range(2):
             for p, q in zip(ranks[r][name], ref):
                 torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=f"{name} rank {r}")
+    # FSDP2: the same tasks missing on every rank equals one process; different ones are refused
+    for name in ("mgda", "adatask"):
+        ref = worker.train_sharded(name)
+        for r in range(2):
+            for p, q in zip(ranks[r][f"fsdp-{name}"], ref):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=f"fsdp {name} {r}")
+    for r in range(2):
+        message, untouched = ranks[r]["fsdp-refusal"]
+        assert "every rank must pass None for the same tasks" in message and untouched
