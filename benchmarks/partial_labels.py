@@ -66,7 +66,7 @@ __all__ = [
     "render",
     "run",
     "schedule",
-    "test_losses",
+    "eval_losses",
 ]
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,7 +138,7 @@ def fixed_batches(n: int, batch_size: int, generator: torch.Generator) -> list[T
 
 
 @torch.no_grad()
-def test_losses(model: nn.Module, split: Split, data: MTLData) -> list[float]:
+def eval_losses(model: nn.Module, split: Split, data: MTLData) -> list[float]:
     """Each task's loss (:func:`benchmarks.metrics.task_loss`) on the whole ``split``."""
     was_training = model.training
     model.eval()
@@ -239,7 +239,7 @@ def run(
     seconds = time.perf_counter() - start
     test = evaluate(model, data.test, data.tasks, 4096)
     steps = sum(1 for idx, _ in plan.steps if len(idx))
-    losses_ = test_losses(model, data.test, data)
+    losses_ = eval_losses(model, data.test, data)
     return Run(mode, method, seed, test, losses_, plan.labels, steps, seconds)
 
 
