@@ -357,3 +357,135 @@ def test_two_ranks_with_different_missing_tasks_equal_one_process(tmp_path):
     for r in range(2):
         message, untouched = ranks[r]["fsdp-refusal"]
         assert "every rank must pass None for the same tasks" in message and untouched
+
+
+# --- property 4 (weightings): FAMO's and the uncertainty weighting's missing coordinates ------
+def test_missing_uncertainty_parameter_and_its_adam_state_do_not_move():
+    model = make_model(K)
+    uw = weighting.Uncertainty(K, dtype=F64)
+    opt = _opt(model, base=torch.optim.Adam, lr=1e-2, weight_decay=0.1, weighting=uw)
+    x, ys = _data(0)
+    opt.backward(model.losses(x, ys))
+    opt.step()
+    p1 = uw.parameters()[1]
+    value, state = p1.detach().clone(), {k: v.clone() for k, v in opt.state[p1].items()}
+    others = [p.detach().clone() for i, p in enumerate(uw.parameters()) if i != 1]
+    opt.zero_grad()
+    x, ys = _data(1)
+    losses = model.losses(x, ys)
+    opt.backward([losses[0], None, losses[2]])
+    assert p1.grad is None
+    opt.step()
+    assert torch.equal(p1, value)
+    assert all(torch.equal(opt.state[p1][k], v) for k, v in state.items())
+    moved = [p for i, p in enumerate(uw.parameters()) if i != 1]
+    assert all(not torch.equal(p, q) for p, q in zip(moved, others))
+
+
+def test_missing_famo_logit_and_its_moments_do_not_move():
+    model = make_model(K)
+    famo = weighting.FAMO(K, dtype=F64)
+    opt = _opt(model, base=torch.optim.Adam, lr=1e-2, weighting=famo)
+    for step in range(3):
+        x, ys = _data(step)
+        opt.zero_grad()
+        losses = model.losses(x, ys)
+        present = [losses[0], None, losses[2]] if step else losses
+        if step == 2:
+            before = {k: v.clone() for k, v in famo.state_dict().items() if torch.is_tensor(v)}
+            logit = famo.logits.detach().clone()
+        opt.backward(present)
+        opt.step()
+        with torch.no_grad():
+            again = model.losses(x, ys)
+            opt.update_weighting([again[0], None, again[2]] if step else again)
+    assert famo.logits[1] == logit[1] and not torch.equal(famo.logits, logit)
+    after = famo.state_dict()
+    for key, v in before.items():  # FAMO's own Adam moments: entry 1 untouched
+        if v.dim() == 1 and v.numel() == K:
+            assert after[key][1] == v[1], key
+    with pytest.raises(ValueError):  # update_weighting must see the tasks backward saw
+        opt.zero_grad()
+        x, ys = _data(3)
+        losses = model.losses(x, ys)
+        opt.backward([losses[0], None, losses[2]])
+        opt.step()
+        with torch.no_grad():
+            opt.update_weighting(model.losses(x, ys))
+
+
+# --- property 5 (weightings): epoch means over the batches where a task was present ----------
+@pytest.mark.parametrize("cls", [weighting.DWA, weighting.IGB])
+def test_epoch_means_average_the_batches_where_each_task_was_present(cls):
+    model = make_model(K)
+    w = cls()
+    opt = _opt(model, weighting=w)
+    values = {i: [] for i in range(K)}
+    for step in range(4):
+        x, ys = _data(step)
+        opt.zero_grad()
+        losses = model.losses(x, ys)
+        gone = {step % K} if step else set()
+        for i, loss in enumerate(losses):
+            if i not in gone:
+                values[i].append(float(loss.detach()))
+        opt.backward([None if i in gone else loss for i, loss in enumerate(losses)])
+        opt.step()
+    opt.end_epoch()
+    means = w.state_dict()["last"]  # the mean of the epoch that just closed
+    expected = torch.tensor([sum(v) / len(v) for v in values.values()], dtype=F64)
+    torch.testing.assert_close(means.to(F64), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: weighting.DWA(), lambda: weighting.FAMO(K, dtype=F64)], ids=["dwa", "famo"]
+)
+def test_no_task_present_changes_no_weighting_state(make):
+    model = make_model(K)
+    w = make()
+    opt = _opt(model, base=torch.optim.Adam, lr=1e-2, weighting=w)
+    x, ys = _data(0)
+    opt.backward(model.losses(x, ys))
+    opt.step()
+    saved = opt.state_dict()
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    with pytest.warns(UserWarning, match="None for every task"):
+        opt.backward([None] * K)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()
+
+    def same(a, b):
+        if torch.is_tensor(a):
+            return (
+                torch.equal(a, b)
+                or (a.isnan() == b.isnan()).all()
+                and torch.equal(a.nan_to_num(), b.nan_to_num())
+            )
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        return a == b
+
+    assert same(saved, after)
+
+
+# --- mixed precision -------------------------------------------------------------------------
+def test_a_grad_scaler_sees_the_same_missing_task_update():
+    model, ref = make_model(K, dtype=torch.float32), make_model(K, dtype=torch.float32)
+    opt = _opt(model, aggregator=aggregators.UPGrad())
+    plain = _opt(ref, aggregator=aggregators.UPGrad())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, ys = batches(K, 1, seed=3, dtype=torch.float32)[0]
+    losses = model.losses(x, ys)
+    opt.backward([losses[0], None, losses[2]], scaler=scaler)
+    scaler.unscale_(opt)
+    ref_losses = ref.losses(x, ys)
+    plain.backward([ref_losses[0], None, ref_losses[2]])
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert model.heads[1].weight.grad is None
