@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -150,9 +151,10 @@ def eval_losses(model: nn.Module, split: Split, data: MTLData) -> list[float]:
 def _optimizer(mode: str, method: str, model: nn.Module, ctx: Context) -> mtl_optim.MTLOptimizer:
     # the trunk is named shared: the first batch of a partial run already misses tasks, so the
     # optimizer cannot find the shared parameters in that batch's graph
-    groups = [
-        {"params": list(model.trunk.parameters()), "shared": True},
-        {"params": list(model.heads.parameters())},
+    trunk, heads = cast(nn.Module, model.trunk), cast(nn.Module, model.heads)
+    groups: Any = [  # param groups, which MTLOptimizer accepts in place of parameters
+        {"params": list(trunk.parameters()), "shared": True},
+        {"params": list(heads.parameters())},
     ]
     if mode == "zero-arg":
         if method != "adatask":
@@ -227,14 +229,13 @@ def run(
             opt.end_epoch()
             continue
         out = model(x_all[idx])
-        losses: list[Tensor | None] = [
-            task_loss(t, o, y[idx]) for t, o, y in zip(data.tasks, out, ys_all)
-        ]
+        full = [task_loss(t, o, y[idx]) for t, o, y in zip(data.tasks, out, ys_all)]
+        losses: list[Tensor | None] = list(full)
         if labelled is not None:
             for i in (~labelled).nonzero().flatten().tolist():
-                losses[i] = 0 * losses[i] if mode == "zero" else None  # type: ignore[operator]
+                losses[i] = 0 * full[i] if mode == "zero" else None
         opt.zero_grad()
-        opt.backward(losses)
+        opt.backward(losses)  # type: ignore[arg-type]  # None: a task without labels
         opt.step()
     seconds = time.perf_counter() - start
     test = evaluate(model, data.test, data.tasks, 4096)
