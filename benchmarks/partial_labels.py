@@ -235,7 +235,7 @@ def run(
             for i in (~labelled).nonzero().flatten().tolist():
                 losses[i] = 0 * full[i] if mode == "zero" else None
         opt.zero_grad()
-        opt.backward(losses)  # type: ignore[arg-type]  # None: a task without labels
+        opt.backward(losses)  # None: a task without labels
         opt.step()
     seconds = time.perf_counter() - start
     test = evaluate(model, data.test, data.tasks, 4096)

@@ -298,7 +298,7 @@ class MTLOptimizer(Extensible, Optimizer):
             self.weighting.end_epoch()
 
     @torch.no_grad()
-    def update_weighting(self, losses: Sequence[Tensor] | Tensor) -> None:
+    def update_weighting(self, losses: Sequence[Tensor | None] | Tensor) -> None:
         """Hand the weighting the losses of the same batch re-evaluated after ``step()``.
 
         FAMO's weight update needs them (see docs/methods/weightings.md); for every other
@@ -317,7 +317,7 @@ class MTLOptimizer(Extensible, Optimizer):
 
     def backward(
         self,
-        losses: Sequence[Tensor] | Tensor,
+        losses: Sequence[Tensor | None] | Tensor,
         *,
         features: Tensor | Sequence[Tensor] | None = None,
         scaler: Any = None,
@@ -326,7 +326,8 @@ class MTLOptimizer(Extensible, Optimizer):
 
         Args:
             losses: K scalar tensors (a sequence or a 1-D tensor); K is fixed after the first
-                call.
+                call. ``None`` in the sequence marks a task without labels in this batch
+                (partial labels; see the class docstring).
             features: the shared representation ``z`` (a tensor or tuple of tensors). Given,
                 the aggregator combines the per-task gradients at ``z`` (MGDA-UB style) and the
                 parameters above ``z`` receive the vector-Jacobian product of that combination.
