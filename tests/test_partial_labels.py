@@ -14,6 +14,7 @@ from conftest import batches, make_model
 from helpers import spawn_two_ranks
 
 import mtl_optim
+import mtl_optim.grouping
 from benchmarks.methods import default_instance, exported
 from mtl_optim import aggregators, weighting
 
@@ -489,3 +490,13 @@ def test_a_grad_scaler_sees_the_same_missing_task_update():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     assert model.heads[1].weight.grad is None
+
+
+def test_random_task_grouping_refuses_missing_tasks_with_the_reason():
+    model = make_model(K)
+    opt = mtl_optim.grouping.RandomTaskGrouping(model.parameters(), seed=0)
+    x, ys = _data()
+    losses = model.losses(x, ys)
+    with pytest.raises(ValueError, match="RandomTaskGrouping does not support missing tasks"):
+        opt.backward([losses[0], None, losses[2]])
+    assert all(p.grad is None for p in model.parameters())

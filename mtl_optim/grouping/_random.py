@@ -146,9 +146,14 @@ class RandomTaskGrouping(MTLOptimizer):
             parts.append(f"aggregator={self.aggregator!r}")
         return f"{type(self).__name__}({', '.join(parts)})\n{self._base!r}"
 
-    def backward(self, losses: Sequence[Tensor] | Tensor, **kwargs: Any) -> None:
+    def backward(self, losses: Sequence[Tensor | None] | Tensor, **kwargs: Any) -> None:
         """Train on the window's group: draw it (first call of the window), then differentiate
         as described above. Keywords (``features``, ...) are ``MTLOptimizer.backward``'s."""
+        if not isinstance(losses, Tensor) and any(loss is None for loss in losses):
+            raise ValueError(
+                "RandomTaskGrouping does not support missing tasks (None in losses): each step "
+                "already trains a drawn group of tasks; pass every task's loss"
+            )
         checked = as_losses(losses, self.num_tasks)
         k = len(checked)
         if self._group is None:

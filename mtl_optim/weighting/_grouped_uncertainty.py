@@ -148,7 +148,7 @@ class GroupedUncertainty(_UncertaintyBase):
 
     def task_log_vars(self, index: Tensor | None = None) -> Tensor:
         if index is None:
-            return torch.stack(self._log_vars)[self.assignment]
+            return torch.stack(list(self._log_vars))[self.assignment]
         return torch.stack(self.task_params(index))
 
     def forward(self, losses: Tensor) -> Tensor:
