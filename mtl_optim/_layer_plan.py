@@ -9,7 +9,7 @@ of ``J`` or into the Gramian without ``J``. Every other shared parameter is aske
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +92,20 @@ class Plan:
     def dim(self) -> int:
         return self.offsets[-1]
 
-    def passes(self, losses: Sequence[Tensor], retain_graph: bool):
+    def passes(
+        self,
+        losses: Sequence[Tensor],
+        retain_graph: bool,
+        extra: Sequence[Tensor] = (),
+        sink: Callable[[Sequence[Tensor | None]], None] | None = None,
+    ):
         """Run the K reverse passes: yield, per task, its output gradients at the Linear nodes
         (``None`` where the task does not reach one) and its gradients of the generic
-        parameters."""
+        parameters. The same passes also differentiate the tensors ``extra`` (task-specific
+        parameters), whose gradients of each task go to ``sink``."""
         # GradientEdges and tensors side by side, which autograd accepts (its hints do not)
-        inputs: Any = [*self.edges, *(self.shared[i] for i in self.generic)]
-        n_edges = len(self.edges)
+        inputs: Any = [*self.edges, *(self.shared[i] for i in self.generic), *extra]
+        n_edges, n_shared = len(self.edges), len(self.edges) + len(self.generic)
         last = len(losses) - 1
         for t, loss in enumerate(losses):
             if not inputs or loss.grad_fn is None:
@@ -107,7 +114,9 @@ class Plan:
             grads = torch.autograd.grad(
                 loss, inputs, retain_graph=retain_graph or t < last, allow_unused=True
             )
-            yield list(grads[:n_edges]), list(grads[n_edges:])
+            if sink is not None:
+                sink(grads[n_shared:])
+            yield list(grads[:n_edges]), list(grads[n_edges:n_shared])
 
     def write_linear(self, i: int, deltas: Sequence[Tensor | None], out: Tensor) -> None:
         """Write parameter ``i``'s gradient (shaped like it) from one task's output gradients:

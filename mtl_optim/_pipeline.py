@@ -322,12 +322,20 @@ class Pipeline:
 
     def jacobian_route(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor) -> None:
         opt, engine = self._opt, self._opt._engine
-        heads = self.heads(heads_loss, engine.task_specific)
+        # without a weighting the heads' gradient of the sum comes from the K passes themselves
+        fold = mix is None and engine.folds_heads() and not _replaced(opt, "task_objectives")
+        specific = engine.task_specific
+        heads = [] if fold else self.heads(heads_loss, specific)
         if self.external is None:  # first backward of this window
             self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
         separable = opt.weighting is not None and opt.weighting.separable
         row_mix = mix.diagonal() if mix is not None and separable else mix
-        jacobian = engine.compute(losses, mix=row_mix)
+        if fold:
+            jacobian = engine.compute(losses, mix=row_mix, heads=specific)
+            self.mean_grads(specific)
+            heads = [p.grad for p in specific if p.grad is not None]
+        else:
+            jacobian = engine.compute(losses, mix=row_mix)
         if not opt.guard.check([*heads, jacobian], "gradient"):
             return
         self.rows_present = self.window_present  # J sums the window's batches

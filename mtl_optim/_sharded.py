@@ -75,6 +75,11 @@ class ShardedTaskGradients(ShardedLayout):
     #: rank must differentiate the same tasks (a task may be missing on all ranks or on none)
     same_tasks_on_every_rank = True
 
+    def folds_heads(self) -> bool:
+        """The sharded heads get their gradient from the passes' FSDP hooks (see
+        :meth:`compute`), never from a separate pass to save."""
+        return False
+
     # --- per-task gradients -----------------------------------------------------------------
     def compute(
         self, losses: Sequence[Tensor], retain_graph: bool = False, mix: Tensor | None = None

@@ -87,12 +87,31 @@ def _plan(losses: Sequence[Tensor], shared: Sequence[Tensor], dtype: torch.dtype
 
 @torch.no_grad()
 def fill_jacobian(
-    losses: Sequence[Tensor], shared: Sequence[Tensor], out: Tensor, retain_graph: bool
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    out: Tensor,
+    retain_graph: bool,
+    heads: Sequence[Tensor] = (),
 ) -> None:
-    """The Jacobian route's K reverse passes: row ``i`` of ``out`` (``K × d``) gets
-    :math:`\\nabla L_i`; Linear weights straight from :math:`\\delta_i^\\top X`."""
+    r"""The Jacobian route's K reverse passes: row ``i`` of ``out`` (``K × d``) gets
+    :math:`\nabla L_i`; Linear weights straight from :math:`\delta_i^\top X`.
+
+    ``heads``: task-specific parameters that each loss reaches at most once; the same passes
+    add :math:`\nabla \sum_i L_i` to their ``.grad`` (what one ``backward`` of the sum would
+    leave there), which saves that reverse pass."""
     plan = _plan(losses, shared, out.dtype)
-    for t, (deltas, grads) in enumerate(plan.passes(losses, retain_graph)):
+
+    def accumulate(grads: Sequence[Tensor | None]) -> None:
+        for p, g in zip(heads, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    passes = plan.passes(losses, retain_graph, heads, accumulate if heads else None)
+    for t, (deltas, grads) in enumerate(passes):
         row = out[t]
         for i, g in zip(plan.generic, grads):
             view = row[plan.offsets[i] : plan.offsets[i + 1]]

@@ -130,6 +130,8 @@ class TaskGradients:
         joined: bool = False,
     ) -> set[int]:
         """``id`` of the shared parameters for ``losses`` (see :meth:`setup`)."""
+        # the graph walk alone decided: every other parameter is reached by at most one loss
+        self.heads_exclusive = False
         every = {id(p) for g in param_groups for p in g["params"]}
         params = [p for g in param_groups for p in g["params"] if p.requires_grad]
         explicit = shared is not None or any(g.get("shared", False) for g in param_groups)
@@ -156,6 +158,7 @@ class TaskGradients:
         chosen = {pid for pid, c in counts.items() if c >= 2 and pid in trainable}
         if ambiguous and chosen:
             chosen = self._settle(losses, [p for p in params if id(p) in chosen])
+        self.heads_exclusive = not ambiguous
         return chosen
 
     def _settle(self, losses: Sequence[Tensor], candidates: list[Tensor]) -> set[int]:
@@ -231,13 +234,19 @@ class TaskGradients:
         self._fresh = True
 
     def compute(
-        self, losses: Sequence[Tensor], retain_graph: bool = False, mix: Tensor | None = None
+        self,
+        losses: Sequence[Tensor],
+        retain_graph: bool = False,
+        mix: Tensor | None = None,
+        heads: Sequence[Tensor] = (),
     ) -> Tensor:
         """Add this batch's per-task gradients of the shared params to ``J`` and return it.
 
         ``mix`` (``K×K``, the weighting's ``∂o/∂L`` for this batch, or its diagonal as a
         ``(K,)`` vector) turns the gradients of the losses into those of the objectives before
         they are added, so that accumulated micro-batches each enter with their own weights.
+        ``heads`` (see :meth:`folds_heads`): task-specific parameters whose ``.grad`` the same
+        passes accumulate :math:`\\nabla \\sum_i L_i` into.
         """
         assert self.shared is not None and self.num_tasks is not None
         k, d = self.num_tasks, self.dim
@@ -248,7 +257,7 @@ class TaskGradients:
         if self.strategy == "batched":
             self._batched(losses, target, retain_graph)
         else:
-            self._loop(losses, target, retain_graph)
+            self._loop(losses, target, retain_graph, heads)
         if mix is not None and mix.dim() == 1:  # a diagonal ∂o/∂L: scale the rows in place
             target.mul_(mix.to(target.dtype)[:, None])
         elif mix is not None:
@@ -259,11 +268,21 @@ class TaskGradients:
         self._fresh = False
         return self._jacobian
 
-    def _loop(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
+    def _loop(
+        self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool, heads: Sequence[Tensor]
+    ) -> None:
         """One reverse pass per task; the weights of Linear layers are written straight into
         ``out`` from the layers' output gradients (:func:`~._streamed_gramian.fill_jacobian`:
         the same products autograd computes, without its gradient tensors and their copy)."""
-        fill_jacobian(losses, self.shared or [], out, retain_graph)
+        fill_jacobian(losses, self.shared or [], out, retain_graph, heads)
+
+    def folds_heads(self) -> bool:
+        """Can the K passes of :meth:`compute` also give the task-specific parameters their
+        gradient of :math:`\\sum_i L_i`, bit for bit as a ``backward`` of the sum (one reverse
+        pass saved)? Only where the graph walk alone found the shared set (each task-specific
+        parameter is then reached by at most one loss, so no sum's order can differ) and the
+        passes are the loop's."""
+        return self.strategy == "loop" and getattr(self, "heads_exclusive", False)
 
     def _batched(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
         stacked = torch.stack(list(losses))
@@ -340,12 +359,21 @@ class TaskGradients:
     def write_grads(self, combined: Tensor, base: list[Tensor | None] | None) -> None:
         """Set each shared param's ``.grad`` to ``base + combined`` (its slice of the d-vector).
 
-        ``.grad`` always owns its memory: ``combined`` may be a view of ``J`` (an aggregator
-        may return one), which the next ``backward`` overwrites.
+        ``.grad`` never aliases ``J``: ``combined`` may be a view of ``J`` (an aggregator may
+        return one), which the next ``backward`` overwrites; then, or where a gradient is
+        already there, it is copied. A ``combined`` of its own (the usual case: ``wᵀJ``, a
+        sum) is handed out as views, one per parameter, without a copy.
         """
         assert self.shared is not None
         views = [v for s in self.slices for v in s.split(combined[s.start : s.stop])]
+        jac = self._jacobian
+        own = combined.is_contiguous() and (
+            jac is None or combined.untyped_storage().data_ptr() != jac.untyped_storage().data_ptr()
+        )
         for i, (p, v) in enumerate(zip(self.shared, views)):
+            if own and p.grad is None and v.dtype == p.dtype and (base is None or base[i] is None):
+                p.grad = v.view_as(p)
+                continue
             if p.grad is None or p.grad.is_sparse:  # the combination is dense
                 p.grad = torch.empty_like(p)
             extra = None if base is None else base[i]

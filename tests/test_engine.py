@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mtl_optim
-from mtl_optim.aggregators import Mean, Sum
+from mtl_optim.aggregators import MGDA, Mean, Sum
 from mtl_optim.engine import TaskGradients, gramian, reachable_params
 from mtl_optim.weighting import Weighting
 
@@ -238,3 +238,25 @@ def test_grad_never_aliases_the_jacobian_buffer():
     opt.zero_grad(set_to_none=False)
     assert torch.count_nonzero(jac[0]) == jac.shape[1]  # zeroing .grad did not zero J
     assert not all(torch.equal(a, p.grad) for a, p in zip(first, model.trunk.parameters()))
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["detected", "shared="])
+def test_heads_get_the_sum_gradient_bit_for_bit_with_external_grads_and_accumulation(explicit):
+    """Without a weighting the K per-task passes also fill the heads' ``.grad`` (the graph walk
+    found the shared set) or a separate pass of the sum does (``shared=``): either way the
+    heads hold exactly what ``backward`` of the summed losses leaves, on top of gradients
+    already there (a regulariser's) and over two accumulated micro-batches."""
+    model, ref = make_model(3), make_model(3)
+    shared = list(model.trunk.parameters()) if explicit else None
+    opt = mtl_optim.MTLOptimizer(model.parameters(), aggregator=MGDA(), shared=shared)
+    assert opt._engine.folds_heads() is False  # decided at the first backward
+    data = batches(3, 2, seed=7)
+    for m in (model, ref):  # a regulariser's gradient on the heads before the window
+        sum(h.weight.square().sum() for h in m.heads).backward()
+    for x, ys in data:
+        opt.backward(model.losses(x, ys))
+        sum(ref.losses(x, ys)).backward()
+    assert opt._engine.folds_heads() is not explicit
+    for h, g in zip(model.heads, ref.heads):
+        for p, q in zip(h.parameters(), g.parameters()):
+            assert torch.equal(p.grad, q.grad)
