@@ -348,11 +348,16 @@ class Pipeline:
         """The Gramian from the K reverse passes (no ``J``), the weights, and their combination
         of the tasks' gradients from what the passes kept (no second reverse pass)."""
         opt, engine = self._opt, self._opt._engine
-        heads = self.heads(heads_loss, engine.task_specific)
+        fold = mix is None and engine.folds_heads() and not _replaced(opt, "task_objectives")
+        specific = engine.task_specific
+        heads = [] if fold else self.heads(heads_loss, specific)
         auto = opt.route == "auto"
         if auto:  # another backward of this window would continue in J (see run)
             self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
-        gram = engine.gramian(losses)
+        gram = engine.gramian(losses, heads=specific) if fold else engine.gramian(losses)
+        if fold:
+            self.mean_grads(specific)
+            heads = [p.grad for p in specific if p.grad is not None]
         kept, engine.gramian_pass = engine.gramian_pass, None
         if not opt.guard.check([*heads, gram], "gradient"):
             return

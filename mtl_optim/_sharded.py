@@ -82,7 +82,11 @@ class ShardedTaskGradients(ShardedLayout):
 
     # --- per-task gradients -----------------------------------------------------------------
     def compute(
-        self, losses: Sequence[Tensor], retain_graph: bool = False, mix: Tensor | None = None
+        self,
+        losses: Sequence[Tensor],
+        retain_graph: bool = False,
+        mix: Tensor | None = None,
+        heads: Sequence[Tensor] = (),  # never given: folds_heads() is False here
     ) -> Tensor:
         """Add this batch's per-task gradients to this rank's block ``J_r`` and return it.
 
@@ -174,7 +178,9 @@ class ShardedTaskGradients(ShardedLayout):
                 local.add_(extra.to_local() if is_sharded(extra) else extra)
             p.grad = like(p, local)
 
-    def gramian(self, losses: Sequence[Tensor]) -> Tensor:  # pragma: no cover - validated away
+    def gramian(  # pragma: no cover - validated away
+        self, losses: Sequence[Tensor], heads: Sequence[Tensor] = ()
+    ) -> Tensor:
         raise ValueError("route='gramian' is not supported with parameters sharded by fully_shard")
 
     def representation(self, losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:

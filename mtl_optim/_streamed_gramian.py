@@ -42,7 +42,7 @@ it differs from the Gramian of the float32 rows by their rounding (~1e-7 relativ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -85,6 +85,24 @@ def _plan(losses: Sequence[Tensor], shared: Sequence[Tensor], dtype: torch.dtype
     return Plan(losses, shared, dtype)
 
 
+def _add_to_grads(params: Sequence[Tensor]) -> Callable[[Sequence[Tensor | None]], None] | None:
+    """A sink for :meth:`Plan.passes`: add each pass's gradients of ``params`` to their
+    ``.grad`` as autograd's accumulation does (``None`` without ``params``)."""
+    if not params:
+        return None
+
+    def accumulate(grads: Sequence[Tensor | None]) -> None:
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    return accumulate
+
+
 @torch.no_grad()
 def fill_jacobian(
     losses: Sequence[Tensor],
@@ -100,17 +118,7 @@ def fill_jacobian(
     add :math:`\nabla \sum_i L_i` to their ``.grad`` (what one ``backward`` of the sum would
     leave there), which saves that reverse pass."""
     plan = _plan(losses, shared, out.dtype)
-
-    def accumulate(grads: Sequence[Tensor | None]) -> None:
-        for p, g in zip(heads, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
-
-    passes = plan.passes(losses, retain_graph, heads, accumulate if heads else None)
+    passes = plan.passes(losses, retain_graph, heads, _add_to_grads(heads))
     for t, (deltas, grads) in enumerate(passes):
         row = out[t]
         for i, g in zip(plan.generic, grads):
@@ -140,6 +148,7 @@ class GramianPass:
         shared: Sequence[Tensor],
         dtype: torch.dtype,
         retain_graph: bool = False,
+        heads: Sequence[Tensor] = (),
     ) -> None:
         plan = self.plan = _plan(losses, shared, dtype)
         k = self.num_tasks = len(losses)
@@ -148,7 +157,8 @@ class GramianPass:
         sizes = [plan.shared[i].numel() for i in plan.generic]
         self.rows = torch.empty(k, sum(sizes), dtype=dtype, device=device)
         per_task: list[list[Tensor | None]] = []
-        for t, (deltas, grads) in enumerate(plan.passes(losses, retain_graph)):
+        passes = plan.passes(losses, retain_graph, heads, _add_to_grads(heads))
+        for t, (deltas, grads) in enumerate(passes):
             per_task.append(deltas)
             offset = 0
             for g, n in zip(grads, sizes):

@@ -304,15 +304,16 @@ class TaskGradients:
         if self.replicas is not None:
             self.replicas.mean_([jacobian])
 
-    def gramian(self, losses: Sequence[Tensor]) -> Tensor:
+    def gramian(self, losses: Sequence[Tensor], heads: Sequence[Tensor] = ()) -> Tensor:
         """``(K, K)`` float64 Gramian of this batch's per-task gradients, without forming ``J``.
 
         See :mod:`mtl_optim._streamed_gramian`. The reverse passes free the graph, as a
         ``backward`` does; :attr:`gramian_pass` keeps what combines the tasks' gradients
-        (``gramian_pass.combined(c)``) or rebuilds their rows (:meth:`resume`).
+        (``gramian_pass.combined(c)``) or rebuilds their rows (:meth:`resume`). ``heads`` as
+        in :meth:`compute`.
         """
         assert self.shared is not None and self.dtype is not None
-        self.gramian_pass = GramianPass(losses, self.shared, self.dtype)
+        self.gramian_pass = GramianPass(losses, self.shared, self.dtype, heads=heads)
         gram = self.gramian_pass.gram
         self._reduce_gramian(gram)
         return gram

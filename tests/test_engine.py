@@ -240,15 +240,18 @@ def test_grad_never_aliases_the_jacobian_buffer():
     assert not all(torch.equal(a, p.grad) for a, p in zip(first, model.trunk.parameters()))
 
 
+@pytest.mark.parametrize("route", ["jacobian", "gramian"])
 @pytest.mark.parametrize("explicit", [False, True], ids=["detected", "shared="])
-def test_heads_get_the_sum_gradient_bit_for_bit_with_external_grads_and_accumulation(explicit):
+def test_heads_get_the_sum_gradient_bit_for_bit_with_external_grads_and_accumulation(
+    explicit, route
+):
     """Without a weighting the K per-task passes also fill the heads' ``.grad`` (the graph walk
     found the shared set) or a separate pass of the sum does (``shared=``): either way the
     heads hold exactly what ``backward`` of the summed losses leaves, on top of gradients
     already there (a regulariser's) and over two accumulated micro-batches."""
     model, ref = make_model(3), make_model(3)
     shared = list(model.trunk.parameters()) if explicit else None
-    opt = mtl_optim.MTLOptimizer(model.parameters(), aggregator=MGDA(), shared=shared)
+    opt = mtl_optim.MTLOptimizer(model.parameters(), aggregator=MGDA(), shared=shared, route=route)
     assert opt._engine.folds_heads() is False  # decided at the first backward
     data = batches(3, 2, seed=7)
     for m in (model, ref):  # a regulariser's gradient on the heads before the window
