@@ -20,6 +20,7 @@ gives the non-negative QP :math:`\min_{x\ge0} \tfrac12 x^\top G x + (Gu)^\top x`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,79 @@ from ._base import GramianWeightedAggregator
 from ._partial import present_tasks
 
 _EPS = torch.finfo(torch.float64).eps
+
+#: The largest K for which CPU Gramians are read into Python floats and the weights computed
+#: with plain float arithmetic (the same algorithms; see :func:`small_cpu_entries`).
+SMALL_K = 8
+
+
+class SmallKFallback(Exception):
+    """The plain-float path met a case it leaves to the tensor path (an exactly singular
+    system or a non-finite intermediate): the caller reruns the tensor path."""
+
+
+def small_cpu_entries(gram: Tensor, max_k: int = SMALL_K) -> list[list[float]] | None:
+    r"""The entries of a small CPU Gramian as Python floats, or ``None`` for the tensor path.
+
+    For ``K ≤ max_k`` a ``K×K`` Gramian is a handful of numbers, and each torch or NumPy
+    operation on it costs microseconds of dispatch while the arithmetic costs nanoseconds. So
+    the Gramian-only aggregators (UPGrad, DualProj, MGDA, IMTL-G) run their algorithm on
+    ``gram.tolist()`` in plain float64 arithmetic: the same iterations, closed forms and
+    stopping rules, so the same weights up to float64 rounding (the order of a few sums and
+    the pivoting of the small linear solves differ). Only for a plain, strided CPU tensor of
+    float32/float64 (read exactly as float64) that does not require grad; on an accelerator
+    this would read the values back to the host, so the tensor path (no host sync) is kept.
+    """
+    if (
+        type(gram) is not Tensor
+        or gram.device.type != "cpu"
+        or gram.dtype not in (torch.float64, torch.float32)
+        or gram.layout != torch.strided
+        or gram.requires_grad
+        or gram.dim() != 2
+        or not 0 < gram.shape[0] <= max_k
+    ):
+        return None
+    return gram.tolist()
+
+
+def solve_small(a: list[list[float]], b: list[float], min_pivot: float = 0.0) -> list[float]:
+    """``a⁻¹ b`` by Gaussian elimination with partial pivoting (LAPACK's ``gesv`` algorithm),
+    in Python floats; raises :class:`SmallKFallback` when a pivot's magnitude is at most
+    ``min_pivot`` (by default on an exactly zero pivot, where ``gesv`` reports a singular
+    matrix) or NaN. ``a`` and ``b`` are not modified."""
+    n = len(b)
+    if n == 1:
+        if not abs(a[0][0]) > min_pivot:
+            raise SmallKFallback
+        return [b[0] / a[0][0]]
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = col
+        big = abs(m[col][col])
+        for r in range(col + 1, n):
+            if abs(m[r][col]) > big:
+                piv, big = r, abs(m[r][col])
+        if not big > min_pivot:
+            raise SmallKFallback
+        if piv != col:
+            m[col], m[piv] = m[piv], m[col]
+        top = m[col]
+        inv = 1.0 / top[col]
+        for r in range(col + 1, n):
+            row = m[r]
+            f = row[col] * inv
+            if f != 0.0:
+                for c in range(col + 1, n + 1):
+                    row[c] -= f * top[c]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        row = m[i]
+        acc = row[n]
+        for c in range(i + 1, n):
+            acc -= row[c] * x[c]
+        x[i] = acc / row[i]
+    return x
 
 
 def regularized_gramian(gram: Tensor, norm_eps: float, reg_eps: float) -> Tensor:
@@ -215,6 +289,118 @@ def _dual_cone_weights_numpy(u: Tensor, gram: Tensor, max_iter: int | None = Non
     return torch.from_numpy(batch + x).reshape(u.shape)
 
 
+def regularized_entries(g: list[list[float]], norm_eps: float, reg_eps: float) -> list[list[float]]:
+    """:func:`regularized_gramian` on Python floats (the same operations, the same result)."""
+    k = len(g)
+    trace = 0.0
+    for i in range(k):
+        trace += g[i][i]
+    if trace < norm_eps:
+        out = [[0.0] * k for _ in range(k)]
+    else:
+        safe = trace if trace > 0 else 1.0  # a NaN trace stays NaN
+        out = [[entry / safe for entry in row] for row in g]
+    for i in range(k):
+        out[i][i] += reg_eps
+    return out
+
+
+def dual_cone_entries(
+    rhs: list[list[float]], g: list[list[float]], max_iter: int | None = None
+) -> list[list[float]]:
+    r""":func:`dual_cone_weights` on Python floats: the weights for each right-hand side of
+    ``rhs`` (lists of K floats) and the Gramian ``g`` (K lists of K floats).
+
+    The same iterations and stopping rule as :func:`_dual_cone_weights_numpy`, one right-hand
+    side after the other (they are independent there too); the masked systems are solved by
+    :func:`solve_small`. Raises :class:`SmallKFallback` on an exactly singular system or a
+    non-finite iterate, where the caller reruns the tensor path. A non-finite ``g`` gives NaN.
+    """
+    k = len(g)
+    if not all(math.isfinite(entry) for row in g for entry in row):
+        return [[math.nan] * k for _ in rhs]
+    iterations = 4 * k + 10 if max_iter is None else max_iter
+    cols = [list(col) for col in zip(*g)]  # products with G are Σ_j v_j G_jm, column by column
+    abs_cols = [[abs(entry) for entry in col] for col in cols]
+    return [_dual_cone_one(u, g, cols, abs_cols, iterations) for u in rhs]
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    acc = 0.0
+    for x, y in zip(a, b):
+        acc += x * y
+    return acc
+
+
+def _dual_cone_one(
+    u: list[float],
+    g: list[list[float]],
+    cols: list[list[float]],
+    abs_cols: list[list[float]],
+    iterations: int,
+) -> list[float]:
+    k = len(u)
+    bound = 4 * k * _EPS
+    q = [_dot(u, col) for col in cols]
+    x = [0.0] * k
+    passive = [False] * k
+    idx: list[int] = []  # the passive set, increasing
+    for _ in range(iterations):
+        z = [0.0] * k
+        feasible = True
+        if idx:
+            sol = solve_small([[g[i][j] for j in idx] for i in idx], [-q[i] for i in idx])
+            for i, value in zip(idx, sol):
+                if not math.isfinite(value):
+                    raise SmallKFallback
+                z[i] = value
+                if not value > 0:
+                    feasible = False
+        if feasible:
+            # accepted: x = z; the most violated multiplier enters P, or we are optimal
+            v = [a + b for a, b in zip(u, z)]
+            best, enter = -math.inf, -1
+            for m in range(k):
+                if passive[m]:
+                    continue
+                lin = mag = 0.0
+                for a, b, c in zip(v, cols[m], abs_cols[m]):
+                    lin += a * b
+                    mag += abs(a) * c
+                slack = -lin - bound * mag
+                if slack > best:
+                    best, enter = slack, m
+                elif slack != slack:
+                    raise SmallKFallback
+            x = z
+            if not best > 0:
+                break
+            passive[enter] = True
+            idx = [j for j in range(k) if passive[j]]
+            continue
+        # rejected: step towards z until the first passive coordinate hits 0, and drop it
+        alpha, leave = math.inf, -1
+        for j in idx:
+            if z[j] <= 0:
+                gap = x[j] - z[j]
+                ratio = x[j] / (gap if gap > 0 else 1.0)
+                if ratio < alpha:
+                    alpha, leave = ratio, j
+        if not alpha > 0:  # rounding: the entering index cannot grow
+            break
+        step = min(alpha, 1.0)
+        moved = [a + step * (b - a) for a, b in zip(x, z)]
+        cut = bound * max(abs(value) for value in moved)
+        for j in range(k):
+            if j == leave or moved[j] <= cut:
+                x[j] = 0.0
+                passive[j] = False
+            else:
+                x[j] = moved[j]
+        idx = [j for j in range(k) if passive[j]]
+    return [a + b for a, b in zip(u, x)]
+
+
 class Preference:
     """A preference vector :math:`p`: ``None`` (:math:`1/K` each) or K finite numbers ≥ 0.
 
@@ -246,6 +432,17 @@ class Preference:
         if gram.device not in self._copies:
             self._copies[gram.device] = self.vector.to(gram.device)
         return self._copies[gram.device]
+
+    def values(self, k: int, index: Tensor | None = None, num_tasks: int | None = None) -> list:
+        """The same weights as a call, for ``k`` rows, as a list of Python floats."""
+        if self.vector is None:
+            return [1.0 / k] * k
+        total = k if index is None else num_tasks
+        if self.vector.numel() != total:
+            raise ValueError(
+                f"pref_vector has {self.vector.numel()} entries but there are {total} tasks"
+            )
+        return (self.vector if index is None else self.vector[index]).tolist()
 
     def __repr__(self) -> str:
         return repr(None if self.vector is None else self.vector.tolist())
@@ -305,6 +502,21 @@ class DualConeAggregator(GramianWeightedAggregator):
 
     def cone_gramian(self, gram: Tensor) -> Tensor:
         return regularized_gramian(gram, self.norm_eps, self.reg_eps)
+
+    def small_k_rows(self, gram: Tensor, diagonal: bool) -> list[list[float]] | None:
+        """The dual-cone weights in Python floats for a small CPU Gramian (``None``: use the
+        tensor path): one row per task for ``u = diag(p)`` (``diagonal``), else the row for
+        ``u = p``. See :func:`small_cpu_entries`."""
+        entries = small_cpu_entries(gram)
+        if entries is None:
+            return None
+        k = len(entries)
+        p = self.preference.values(k, *present_tasks(self, k))
+        rhs = [[p[i] if j == i else 0.0 for j in range(k)] for i in range(k)] if diagonal else [p]
+        try:
+            return dual_cone_entries(rhs, regularized_entries(entries, self.norm_eps, self.reg_eps))
+        except SmallKFallback:
+            return None
 
     def __repr__(self) -> str:
         return (

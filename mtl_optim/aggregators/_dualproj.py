@@ -2,6 +2,7 @@ r"""DualProj: the (preference-weighted) mean gradient, projected onto the dual c
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._dual_cone import DualConeAggregator, dual_cone_weights
@@ -44,5 +45,8 @@ class DualProj(DualConeAggregator):
     """
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
+        rows = self.small_k_rows(gram, diagonal=False)
+        if rows is not None:
+            return torch.tensor(rows[0], dtype=torch.float64)
         u = self.preferences(gram)
         return dual_cone_weights(u, self.cone_gramian(gram))

@@ -53,10 +53,19 @@ class UPGrad(DualConeAggregator):
 
     def projection_weights(self, gram: Tensor) -> Tensor:
         """The ``(K, K)`` float64 matrix whose row ``i`` holds :math:`v^{(i)}`."""
+        rows = self.small_k_rows(gram, diagonal=True)
+        if rows is not None:
+            return torch.tensor(rows, dtype=torch.float64)
         u = torch.diag(self.preferences(gram))
         return dual_cone_weights(u, self.cone_gramian(gram))
 
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
+        rows = self.small_k_rows(gram, diagonal=True)
+        if rows is not None:  # the column sums, in the order torch sums them for K <= 4
+            total = [0.0] * len(rows)
+            for row in rows:
+                total = [a + b for a, b in zip(total, row)]
+            return torch.tensor(total, dtype=torch.float64)
         return self.projection_weights(gram).sum(dim=0)
 
     def transform(self, jacobian: Tensor) -> Tensor:
