@@ -2,12 +2,20 @@ r"""IMTL-G: the combined direction has equal projections onto every task's unit 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .._linalg import TINY
 from .._validation import positive
 from ._base import GramianWeightedAggregator
+from ._dual_cone import SmallKFallback, small_cpu_entries, solve_small
+
+#: A pivot of the bordered system below this (its entries are at most 1 in magnitude) sends a
+#: small CPU Gramian to the pseudo-inverse: elimination and the SVD agree to rounding only on
+#: regular systems, and the pseudo-inverse's cut-off decides the singular ones.
+_MIN_PIVOT = 1e-8
 
 
 class IMTLG(GramianWeightedAggregator):
@@ -66,6 +74,12 @@ class IMTLG(GramianWeightedAggregator):
     def weights_from_gramian(self, gram: Tensor) -> Tensor:
         if gram.shape[0] <= 1:
             return torch.ones(gram.shape[0], dtype=torch.float64, device=gram.device)
+        entries = small_cpu_entries(gram)
+        if entries is not None:
+            try:
+                return torch.tensor(imtlg_entries(entries), dtype=torch.float64)
+            except SmallKFallback:
+                pass  # a non-finite or nearly singular system: the pseudo-inverse decides
         return imtlg_weights(gram, self.rcond)
 
     def __repr__(self) -> str:
@@ -103,3 +117,36 @@ def imtlg_weights(gram: Tensor, rcond: float = 1e-12) -> Tensor:
     alpha = torch.where(active.any(), alpha, uniform)
     poisoned = ~torch.isfinite(gram).all()
     return torch.where(poisoned, torch.full_like(alpha, float("nan")), alpha)
+
+
+def imtlg_entries(gram: list[list[float]]) -> list[float]:
+    """:func:`imtlg_weights` on Python floats for a small CPU Gramian (``K ≥ 2``): the same
+    quantities, the bordered system solved by elimination instead of the pseudo-inverse (equal
+    to rounding on a regular system). Raises :class:`SmallKFallback` for a non-finite Gramian
+    or a pivot below ``_MIN_PIVOT``, where :func:`imtlg_weights` runs instead."""
+    k = len(gram)
+    if not all(math.isfinite(e) for row in gram for e in row):
+        raise SmallKFallback
+    tiny = TINY
+    active = [gram[i][i] > tiny for i in range(k)]
+    if not any(active):
+        return [1.0 / k] * k
+    n = [math.sqrt(gram[i][i]) if active[i] else 1.0 for i in range(k)]
+    n_max = max(n[i] for i in range(k) if active[i])
+    w = [n_max / n[i] if active[i] else 0.0 for i in range(k)]
+    squares = 0.0
+    for value in w:
+        squares += value * value
+    w_norm = math.sqrt(squares)
+    system = []
+    for i in range(k):
+        if active[i]:
+            row = [gram[i][j] / n[i] / n[j] if active[j] else 0.0 for j in range(k)]
+            row.append(-1.0)
+        else:
+            row = [1.0 if j == i else 0.0 for j in range(k)]
+            row.append(0.0)
+        system.append(row)
+    system.append([value / w_norm for value in w] + [0.0])
+    sol = solve_small(system, [0.0] * k + [1.0 / w_norm], min_pivot=_MIN_PIVOT)
+    return [a * b for a, b in zip(w, sol)]
