@@ -42,17 +42,20 @@ class SmallKFallback(Exception):
     system or a non-finite intermediate): the caller reruns the tensor path."""
 
 
-def small_cpu_entries(gram: Tensor, max_k: int = SMALL_K) -> list[list[float]] | None:
+def small_cpu_entries(gram: Tensor, max_k: int | None = None) -> list[list[float]] | None:
     r"""The entries of a small CPU Gramian as Python floats, or ``None`` for the tensor path.
 
-    For ``K ≤ max_k`` a ``K×K`` Gramian is a handful of numbers, and each torch or NumPy
-    operation on it costs microseconds of dispatch while the arithmetic costs nanoseconds. So
-    the Gramian-only aggregators (UPGrad, DualProj, MGDA, IMTL-G) run their algorithm on
-    ``gram.tolist()`` in plain float64 arithmetic: the same iterations, closed forms and
-    stopping rules, so the same weights up to float64 rounding (the order of a few sums and
-    the pivoting of the small linear solves differ). Only for a plain, strided CPU tensor of
+    For ``K ≤ max_k`` (default :data:`SMALL_K`) a ``K×K`` Gramian is a handful of numbers,
+    and each torch or NumPy operation on it costs microseconds of dispatch while the arithmetic
+    costs nanoseconds. So the Gramian-only aggregators (UPGrad, DualProj, MGDA, IMTL-G) run
+    their algorithm on ``gram.tolist()`` in plain float64 arithmetic: the same iterations,
+    closed forms and stopping rules, so the same weights up to float64 rounding (the order of
+    a few sums and the elimination of the small linear systems differ, so the two paths agree
+    to about the systems' condition number times the machine epsilon). Cases the tensor path
+    decides through a singular or nearly singular system, or a non-finite value, raise
+    :class:`SmallKFallback` and go to the tensor path. Only for a plain, strided CPU tensor of
     float32/float64 (read exactly as float64) that does not require grad; on an accelerator
-    this would read the values back to the host, so the tensor path (no host sync) is kept.
+    reading the values would synchronise the host, so the tensor path (no host sync) is kept.
     """
     if (
         type(gram) is not Tensor
@@ -61,49 +64,74 @@ def small_cpu_entries(gram: Tensor, max_k: int = SMALL_K) -> list[list[float]] |
         or gram.layout != torch.strided
         or gram.requires_grad
         or gram.dim() != 2
-        or not 0 < gram.shape[0] <= max_k
+        or not 0 < gram.shape[0] <= (SMALL_K if max_k is None else max_k)
     ):
         return None
     return gram.tolist()
 
 
-def solve_small(a: list[list[float]], b: list[float], min_pivot: float = 0.0) -> list[float]:
-    """``a⁻¹ b`` by Gaussian elimination with partial pivoting (LAPACK's ``gesv`` algorithm),
-    in Python floats; raises :class:`SmallKFallback` when a pivot's magnitude is at most
-    ``min_pivot`` (by default on an exactly zero pivot, where ``gesv`` reports a singular
-    matrix) or NaN. ``a`` and ``b`` are not modified."""
+def solve_small(a: list[list[float]], b: list[float], max_cond: float = math.inf) -> list[float]:
+    r"""``a⁻¹ b`` by Gaussian elimination with partial pivoting (LAPACK's ``gesv`` algorithm),
+    in Python floats; ``a`` and ``b`` are not modified.
+
+    Raises :class:`SmallKFallback` on an exactly zero (or NaN) pivot, where ``gesv`` reports a
+    singular matrix, and, for a finite ``max_cond``, when the 1-norm condition number
+    :math:`\lVert a\rVert_1 \lVert a^{-1}\rVert_1` exceeds it (computed from the ``n``
+    columns of the inverse, cheap for the ``n ≤ 9`` systems met here): there the result would
+    differ from a least-squares or pseudo-inverse solve by more than rounding.
+    """
     n = len(b)
-    if n == 1:
-        if not abs(a[0][0]) > min_pivot:
-            raise SmallKFallback
-        return [b[0] / a[0][0]]
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    lu = [row[:] for row in a]
+    perm = list(range(n))
     for col in range(n):
         piv = col
-        big = abs(m[col][col])
+        big = abs(lu[col][col])
         for r in range(col + 1, n):
-            if abs(m[r][col]) > big:
-                piv, big = r, abs(m[r][col])
-        if not big > min_pivot:
+            if abs(lu[r][col]) > big:
+                piv, big = r, abs(lu[r][col])
+        if not big > 0.0:
             raise SmallKFallback
         if piv != col:
-            m[col], m[piv] = m[piv], m[col]
-        top = m[col]
+            lu[col], lu[piv] = lu[piv], lu[col]
+            perm[col], perm[piv] = perm[piv], perm[col]
+        top = lu[col]
         inv = 1.0 / top[col]
         for r in range(col + 1, n):
-            row = m[r]
+            row = lu[r]
             f = row[col] * inv
+            row[col] = f
             if f != 0.0:
-                for c in range(col + 1, n + 1):
+                for c in range(col + 1, n):
                     row[c] -= f * top[c]
-    x = [0.0] * n
-    for i in range(n - 1, -1, -1):
-        row = m[i]
-        acc = row[n]
-        for c in range(i + 1, n):
-            acc -= row[c] * x[c]
-        x[i] = acc / row[i]
+    x = _lu_solve(lu, [b[p] for p in perm])
+    if max_cond < math.inf:
+        norm = max(sum(abs(a[i][j]) for i in range(n)) for j in range(n))
+        norm_inv = 0.0
+        for j in range(n):
+            column = _lu_solve(lu, [1.0 if p == j else 0.0 for p in perm])
+            norm_inv = max(norm_inv, sum(abs(e) for e in column))
+        if not norm * norm_inv <= max_cond:
+            raise SmallKFallback
     return x
+
+
+def _lu_solve(lu: list[list[float]], pb: list[float]) -> list[float]:
+    """Solve with the packed factors (unit lower ``L``, upper ``U``) and the permuted ``b``."""
+    n = len(pb)
+    y = pb[:]
+    for i in range(n):
+        row = lu[i]
+        acc = y[i]
+        for c in range(i):
+            acc -= row[c] * y[c]
+        y[i] = acc
+    for i in range(n - 1, -1, -1):
+        row = lu[i]
+        acc = y[i]
+        for c in range(i + 1, n):
+            acc -= row[c] * y[c]
+        y[i] = acc / row[i]
+    return y
 
 
 def regularized_gramian(gram: Tensor, norm_eps: float, reg_eps: float) -> Tensor:

@@ -12,10 +12,10 @@ from .._validation import positive
 from ._base import GramianWeightedAggregator
 from ._dual_cone import SmallKFallback, small_cpu_entries, solve_small
 
-#: A pivot of the bordered system below this (its entries are at most 1 in magnitude) sends a
-#: small CPU Gramian to the pseudo-inverse: elimination and the SVD agree to rounding only on
-#: regular systems, and the pseudo-inverse's cut-off decides the singular ones.
-_MIN_PIVOT = 1e-8
+#: A bordered system with a larger condition number sends a small CPU Gramian to the
+#: pseudo-inverse: elimination and the SVD agree to rounding times the conditioning, and the
+#: pseudo-inverse's cut-off decides the numerically singular systems.
+_MAX_COND = 1e8
 
 
 class IMTLG(GramianWeightedAggregator):
@@ -110,6 +110,8 @@ def imtlg_weights(gram: Tensor, rcond: float = 1e-12) -> Tensor:
     system[k, :k] = w / w_norm
     rhs = torch.zeros(k + 1, dtype=torch.float64, device=dev)
     rhs[k] = 1.0 / w_norm
+    # a non-finite Gramian gives NaN below; zeros here keep the SVD from failing on it
+    system = torch.where(torch.isfinite(system), system, 0.0)
     sol = torch.linalg.pinv(system, rtol=rcond) @ rhs
     alpha = w * sol[:k]
 
@@ -122,11 +124,12 @@ def imtlg_weights(gram: Tensor, rcond: float = 1e-12) -> Tensor:
 def imtlg_entries(gram: list[list[float]]) -> list[float]:
     """:func:`imtlg_weights` on Python floats for a small CPU Gramian (``K ≥ 2``): the same
     quantities, the bordered system solved by elimination instead of the pseudo-inverse (equal
-    to rounding on a regular system). Raises :class:`SmallKFallback` for a non-finite Gramian
-    or a pivot below ``_MIN_PIVOT``, where :func:`imtlg_weights` runs instead."""
+    to rounding on a regular system); NaN for a non-finite Gramian. Raises
+    :class:`SmallKFallback` for a condition number above ``_MAX_COND``, where
+    :func:`imtlg_weights` runs instead."""
     k = len(gram)
     if not all(math.isfinite(e) for row in gram for e in row):
-        raise SmallKFallback
+        return [math.nan] * k
     tiny = TINY
     active = [gram[i][i] > tiny for i in range(k)]
     if not any(active):
@@ -148,5 +151,5 @@ def imtlg_entries(gram: list[list[float]]) -> list[float]:
             row.append(0.0)
         system.append(row)
     system.append([value / w_norm for value in w] + [0.0])
-    sol = solve_small(system, [0.0] * k + [1.0 / w_norm], min_pivot=_MIN_PIVOT)
+    sol = solve_small(system, [0.0] * k + [1.0 / w_norm], max_cond=_MAX_COND)
     return [a * b for a, b in zip(w, sol)]

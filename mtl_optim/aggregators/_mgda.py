@@ -293,9 +293,10 @@ def _step_length(alpha: np.ndarray, direction: np.ndarray) -> float:
 # linear algebra (a near-singular KKT system, a zero denominator) raise SmallKFallback, and the
 # NumPy solver runs instead.
 
-#: A KKT pivot below this fraction of the largest entry sends the call to the NumPy solver
-#: (its least-squares solve and this elimination agree to rounding only on regular systems).
-_MIN_PIVOT = 1e-10
+#: A KKT system with a larger condition number sends the call to the NumPy solver (its
+#: least-squares solve and this elimination agree to rounding times the conditioning, and
+#: its cut-off decides the numerically singular systems).
+_MAX_COND = 1e8
 
 
 def _min_norm_entries(gram: list[list[float]], max_iter: int, tol: float, exact: bool) -> list:
@@ -443,12 +444,11 @@ def _polish_entries(d: list[list[float]], alpha: list[float], max_iter: int) -> 
 
 
 def _affine_minimiser_entries(d: list[list[float]]) -> list[float]:
-    """:func:`_affine_minimiser` by elimination; a near-singular KKT system raises
+    """:func:`_affine_minimiser` by elimination; an ill-conditioned KKT system raises
     :class:`SmallKFallback` (the least-squares solve of the NumPy twin decides those)."""
     k = len(d)
     kkt = [row[:] + [1.0] for row in d] + [[1.0] * k + [0.0]]
-    big = max(1.0, max(abs(e) for row in d for e in row))
-    beta = solve_small(kkt, [0.0] * k + [1.0], min_pivot=_MIN_PIVOT * big)[:k]
+    beta = solve_small(kkt, [0.0] * k + [1.0], max_cond=_MAX_COND)[:k]
     total = 0.0
     for b in beta:
         total += b
