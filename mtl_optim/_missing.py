@@ -34,7 +34,15 @@ from torch import Tensor
 from ._distributed import Replicas
 from ._host import Host
 
-__all__ = ["Batch", "post_step", "refuse_unsupported", "restricted", "scatter", "warn_empty"]
+__all__ = [
+    "Presence",
+    "Batch",
+    "post_step",
+    "refuse_unsupported",
+    "restricted",
+    "scatter",
+    "warn_empty",
+]
 
 
 class Batch:
@@ -196,3 +204,58 @@ def scatter(values: Tensor, index: Tensor | None, k: int) -> Tensor:
     out = values.new_zeros((k, *values.shape[1:]))
     out[index.to(values.device)] = values
     return out
+
+
+class Presence:
+    """The partial-label bookkeeping of :class:`~mtl_optim._pipeline.Pipeline`: which tasks the
+    current ``backward`` and the step's window have, and the combination on present rows."""
+
+    _opt: Any
+
+    def new_presence_window(self) -> None:
+        """A step's window starts: no ``backward`` yet, every task present so far."""
+        #: tasks present in this window: ``None`` when every backward had every task, else
+        #: the union of the batches' ``(K,)`` CPU bool masks
+        self.window_present: Tensor | None = None
+        #: this backward's present tasks, and the rows the next combination sees
+        self.batch_present: Tensor | None = None
+        self.rows_present: Tensor | None = None
+        self.window_values: Tensor | None = None  # each task's latest loss value
+        self.ran = False
+        self.saw_empty = False
+
+    @property
+    def nothing_present(self) -> bool:
+        """Every ``backward`` of this window had no task: ``step`` changes nothing."""
+        return self.saw_empty and not self.ran
+
+    def _join(self, present: Tensor | None, values: Tensor) -> None:
+        """Add one batch's present tasks to the window's."""
+        self.batch_present = present
+        if not self.ran:
+            self.window_present = present
+        elif self.window_present is not None:
+            union = None if present is None else self.window_present | present
+            self.window_present = None if union is None or bool(union.all()) else union
+        if present is not None:
+            if self.window_values is None:
+                self.window_values = values.clone()
+            else:
+                index = present.nonzero().flatten().to(values.device)
+                self.window_values[index] = values[index]
+        else:
+            self.window_values = values
+        self.ran = True
+
+    def present_rows(self, fn: object, agg: object, jacobian: Tensor, rows: bool) -> Tensor:
+        """``fn(agg, J)``, or with a task missing ``fn`` on the present rows only (the
+        aggregator told which ones), its per-row result scattered back to K rows."""
+        present = self.rows_present
+        if present is None:
+            return fn(agg, jacobian)  # type: ignore[operator]
+        with restricted(agg, present) as index:
+            assert index is not None
+            if getattr(agg, "needs_losses", False) and self.window_values is not None:
+                agg.set_losses(self.window_values[index.to(self.window_values.device)])  # type: ignore[attr-defined]
+            out = fn(agg, jacobian[index.to(jacobian.device)])  # type: ignore[operator]
+        return scatter(out, index, jacobian.shape[0]) if rows else out

@@ -29,17 +29,17 @@ import torch
 from torch import Tensor
 
 from ._distributed import Replicas
+from ._features_route import check_features, features_route
 from ._host import Host
-from ._linalg import gramian
-from ._missing import restricted, scatter
+from ._missing import Presence, restricted, scatter
 from ._streamed_gramian import GramianPass, prefers_gramian
 from .aggregators import GramianWeightedAggregator, WeightedAggregator
-from .engine import TaskGradients, reachable_params
+from .engine import TaskGradients
 
 __all__ = ["Pipeline"]
 
 
-class Pipeline:
+class Pipeline(Presence):
     """The stages of one ``backward`` for one optimizer (see the module docstring)."""
 
     #: ``route="auto"``: a window of this optimizer saw two ``backward`` calls (accumulation)
@@ -58,38 +58,7 @@ class Pipeline:
     def new_window(self) -> None:
         """A step's window starts: no ``backward`` yet, every task present so far."""
         self.external = None
-        #: tasks present in this window (partial labels): ``None`` when every backward had
-        #: every task, else the union of the batches' ``(K,)`` CPU bool masks
-        self.window_present: Tensor | None = None
-        #: this backward's present tasks, and the rows the next combination sees
-        self.batch_present: Tensor | None = None
-        self.rows_present: Tensor | None = None
-        self.window_values: Tensor | None = None  # each task's latest loss value (partial labels)
-        self.ran = False
-        self.saw_empty = False
-
-    @property
-    def nothing_present(self) -> bool:
-        """Every ``backward`` of this window had no task: ``step`` changes nothing."""
-        return self.saw_empty and not self.ran
-
-    def _join(self, present: Tensor | None, values: Tensor) -> None:
-        """Add one batch's present tasks to the window's."""
-        self.batch_present = present
-        if not self.ran:
-            self.window_present = present
-        elif self.window_present is not None:
-            union = None if present is None else self.window_present | present
-            self.window_present = None if union is None or bool(union.all()) else union
-        if present is not None:
-            if self.window_values is None:
-                self.window_values = values.clone()
-            else:
-                index = present.nonzero().flatten().to(values.device)
-                self.window_values[index] = values[index]
-        else:
-            self.window_values = values
-        self.ran = True
+        self.new_presence_window()
 
     # --- the run --------------------------------------------------------------------------
     def run(
@@ -167,28 +136,7 @@ class Pipeline:
 
     def check_features(self, features: Tensor | Sequence[Tensor], replicas: Replicas) -> list:
         """``features=`` as a list of tensors in the graph, or a ValueError (nothing moved)."""
-        opt = self._opt
-        features = [features] if isinstance(features, Tensor) else list(features)
-        if not features or not all(isinstance(z, Tensor) and z.requires_grad for z in features):
-            raise ValueError(
-                "features must be the shared representation: tensor(s) inside the autograd "
-                "graph between the shared trunk and the task heads"
-            )
-        if replicas.active and (
-            not (opt.aggregator is None or isinstance(opt.aggregator, GramianWeightedAggregator))
-            or opt._weighting_needs_j
-        ):
-            raise ValueError(
-                "across processes, features= needs an aggregator that depends only on the "
-                "Gramian (each rank's representation holds different samples, so only the "
-                "summed Gramian is global) and a weighting that does not look at gradients"
-            )
-        if opt.per_task_state:
-            raise ValueError(
-                f"{type(opt).__name__} needs per-task gradients of the shared "
-                "parameters; features= is not supported"
-            )
-        return features
+        return check_features(self._opt, features, replicas)
 
     def redetect(self, losses: list[Tensor], joined: bool, given: list[Tensor] | None) -> None:
         """The trainable set changed (``requires_grad`` flipped, a group added): find the shared
@@ -284,19 +232,6 @@ class Pipeline:
     def transform(self, agg: object, jacobian: Tensor) -> Tensor:
         """The aggregator's per-task rows (AdaTask), zero rows for missing tasks."""
         return self.present_rows(self._opt._engine.transform, agg, jacobian, rows=True)
-
-    def present_rows(self, fn: object, agg: object, jacobian: Tensor, rows: bool) -> Tensor:
-        """``fn(agg, J)``, or with a task missing ``fn`` on the present rows only (the
-        aggregator told which ones), its per-row result scattered back to K rows."""
-        present = self.rows_present
-        if present is None:
-            return fn(agg, jacobian)  # type: ignore[operator]
-        with restricted(agg, present) as index:
-            assert index is not None
-            if getattr(agg, "needs_losses", False) and self.window_values is not None:
-                agg.set_losses(self.window_values[index.to(self.window_values.device)])  # type: ignore[attr-defined]
-            out = fn(agg, jacobian[index.to(jacobian.device)])  # type: ignore[operator]
-        return scatter(out, index, jacobian.shape[0]) if rows else out
 
     # --- stage 2 and the routes ---------------------------------------------------------
     def sum_route(self, total: Tensor) -> None:
@@ -398,58 +333,8 @@ class Pipeline:
     def features_route(
         self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor, zs: list[Tensor]
     ) -> None:
-        opt = self._opt
-        if self._upstream is None:
-            self._upstream = set().union(*(reachable_params(z) for z in zs))
-        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-        above = [p for p in params if id(p) in self._upstream]
-        heads = self.heads(heads_loss, [p for p in params if id(p) not in self._upstream])
-        grads_z = opt._engine.representation(losses, zs)
-        self.rows_present = self.batch_present
-        replicas = opt._replicas_()
-        # across ranks grads_z differs per rank: it is checked through the summed Gramian
-        if not opt.guard.check(heads if replicas.active else [*heads, grads_z], "gradient"):
-            return
-        grads_z = self.unscale(grads_z)
-        if mix is not None:
-            grads_z = mix.to(grads_z.dtype) @ grads_z
-        if opt._weighting_needs_j:
-            grads_z = self.observe(grads_z)
-        if replicas.active and opt.aggregator is not None:
-            combined = self.combine_across_ranks(grads_z, replicas)
-            if combined is None:
-                return
-            combined = self.rescale(combined)
-        else:
-            combined = self.rescale(opt.combine(grads_z))
-        sizes = [z.numel() for z in zs]
-        grad_tensors = [c.view_as(z).to(z.dtype) for c, z in zip(combined.split(sizes), zs)]
-        torch.autograd.backward(zs, grad_tensors=grad_tensors, inputs=above)
-        self.mean_grads(above)
-        opt.guard.check([p.grad for p in above if p.grad is not None], "gradient")
-
-    def combine_across_ranks(self, grads_z: Tensor, replicas: Replicas) -> Tensor | None:
-        r"""MGDA-UB across processes. The representation of the whole batch is the ranks'
-        blocks side by side, and a rank's block of :math:`\nabla_z L` is its local gradient
-        divided by the number of ranks R, so the whole batch's Gramian is
-        :math:`\sum_r G_r G_r^\top / R^2` (one all-reduce of ``K×K``). Each rank applies the
-        weights to its own block; the parameters' gradients are then averaged."""
-        opt = self._opt
-        gram = gramian(grads_z.detach())
-        replicas.sum_([gram])  # a NaN on any rank reaches every rank: all skip together
-        gram = gram / replicas.size**2
-        if not opt.guard.check([gram], "gradient"):
-            return None
-        with restricted(opt.aggregator, self.batch_present) as index:
-            if index is None:
-                w = opt.aggregator.weights_from_gramian(gram)
-            else:
-                at = index.to(gram.device)
-                w = scatter(
-                    opt.aggregator.weights_from_gramian(gram[at[:, None], at]), index, gram.shape[0]
-                )
-        opt.guard.fold_weights(w)
-        return w.to(grads_z.dtype) @ grads_z
+        """The *features* route (see :mod:`mtl_optim._features_route`)."""
+        features_route(self, losses, mix, heads_loss, zs)
 
     # --- services -------------------------------------------------------------------------
     def mean_grads(self, params: list[Tensor]) -> None:
