@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from conftest import batches, make_model
+from helpers import run_rank
 
 import mtl_optim
 from mtl_optim import aggregators, weighting
@@ -104,14 +103,9 @@ def train(name: str, rank: int = 0, world: int = 1, ddp_wrap: bool = False) -> l
 
 
 def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world
-    )
-    try:
+    def collect() -> dict:
         results = {name: train(name, rank, world) for name in names}
         results["adatask-ddp-wrapped"] = train("adatask", rank, world, ddp_wrap=True)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        torch.distributed.barrier()  # both ranks leave together: gloo aborts on a lone exit
-    finally:
-        torch.distributed.destroy_process_group()
+        return results
+
+    run_rank(rank, world, init_method, out_dir, collect)

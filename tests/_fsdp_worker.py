@@ -7,6 +7,7 @@ import os
 
 import torch
 from conftest import batches, make_model
+from helpers import run_rank
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import mtl_optim
@@ -264,11 +265,7 @@ def mixed_precision_reference() -> list[torch.Tensor]:
 
 
 def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world
-    )
-    try:
+    def collect() -> dict:
         results: dict[str, object] = {name: train(name, rank, world, True) for name in names}
         results["keep"] = train("adatask+upgrad", rank, world, True, keep=True)
         results["refusals"] = refusals()
@@ -280,7 +277,6 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[st
         results["one-rank"] = resume_on_one_rank(
             "adatask+pcgrad", rank, world, os.path.join(out_dir, "ckpt-adatask+pcgrad")
         )
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        torch.distributed.barrier()  # both ranks leave together: gloo aborts on a lone exit
-    finally:
-        torch.distributed.destroy_process_group()
+        return results
+
+    run_rank(rank, world, init_method, out_dir, collect)

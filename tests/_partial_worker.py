@@ -3,10 +3,9 @@ loop in one process with each task's loss averaged over the ranks where it is pr
 
 from __future__ import annotations
 
-import os
-
 import torch
 from conftest import batches, make_model
+from helpers import run_rank
 
 import mtl_optim
 from mtl_optim import aggregators
@@ -118,16 +117,11 @@ def sharded_refusal(rank: int) -> tuple[str, bool]:
 
 
 def worker(rank: int, world: int, init_method: str, out_dir: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world
-    )
-    try:
-        results = {name: train(name, rank, world) for name in names}
+    def collect() -> dict:
+        results: dict = {name: train(name, rank, world) for name in names}
         for name in ("mgda", "adatask"):
             results[f"fsdp-{name}"] = train_sharded(name, rank, world)
         results["fsdp-refusal"] = sharded_refusal(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
+        return results
+
+    run_rank(rank, world, init_method, out_dir, collect)

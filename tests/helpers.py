@@ -30,6 +30,22 @@ def positive_floats(k: int, lo: float = 0.1, hi: float = 10.0) -> st.SearchStrat
     return st.lists(st.floats(lo, hi), min_size=k, max_size=k)
 
 
+def run_rank(rank: int, world: int, init_method: str, out_dir: str, collect) -> None:
+    """On one spawned rank: join the gloo group, save ``collect()`` as ``out_dir/rank{r}.pt``
+    and leave together with the other ranks (gloo aborts on a lone exit)."""
+    import os
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world
+    )
+    try:
+        torch.save(collect(), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def spawn_two_ranks(worker, tmp, names: list[str]) -> list[dict]:
     """Run ``worker(rank, 2, init, tmp, names)`` on two processes joined by a TCP store on a
     free loopback port; return what each rank saved as ``tmp/rank{r}.pt``."""
