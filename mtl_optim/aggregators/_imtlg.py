@@ -64,6 +64,11 @@ class IMTLG(GramianWeightedAggregator):
     LibMTL's IMTL also applies IMTL-L (learnable loss scales); that is a loss weighting and is
     not part of this aggregator. K = 1 gives ``[1]``.
 
+    **Small K on the CPU.** For ``K ≤ 8`` a CPU Gramian is read into Python floats and the same
+    algorithm runs in plain float arithmetic (equal to rounding; several times faster than
+    tensor operations on such small matrices); see
+    :func:`~mtl_optim.aggregators._dual_cone.small_cpu_entries`.
+
     Args:
         rcond: relative singular-value cut-off of the pseudo-inverse.
     """

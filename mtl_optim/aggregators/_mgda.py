@@ -69,6 +69,11 @@ class MGDA(GramianWeightedAggregator):
 
     The weights sum to 1 (the official convention; the Nash-MTL port multiplies them by K).
 
+    **Small K on the CPU.** For ``K ≤ 8`` a CPU Gramian is read into Python floats and the same
+    algorithm runs in plain float arithmetic (equal to rounding, ``exact=False`` only for K = 2;
+    several times faster than tensor operations on such small matrices); see
+    :func:`~mtl_optim.aggregators._dual_cone.small_cpu_entries`.
+
     **Partial labels.** With only m of the K tasks present the rows are theirs and the weights
     are MGDA's on them (summing to 1 over the present tasks); a loss normalisation takes the
     present tasks' losses (the m values handed over, or the K values read at the present
