@@ -4,7 +4,7 @@
     python -m benchmarks.small_k_weights --quick   # -> results/small_k_weights-quick.md
 
 UPGrad, DualProj, MGDA and IMTL-G compute their weights from the ``K×K`` Gramian alone. For
-``K ≤ mtl_optim.aggregators._dual_cone.SMALL_K`` a CPU Gramian is read into Python floats and
+``K ≤ mtl_optim.aggregators._small_k.SMALL_K`` a CPU Gramian is read into Python floats and
 the same algorithm runs in plain float arithmetic ("new"); otherwise on torch/NumPy arrays
 ("old"). Here both run side by side on the same Gramian, interleaved, on one thread, timed with
 ``time.thread_time``; ``SMALL_K`` is switched per call, so K above the default shows where the
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mtl_optim.aggregators import IMTLG, MGDA, DualProj, UPGrad, _dual_cone
+from mtl_optim.aggregators import IMTLG, MGDA, DualProj, UPGrad, _small_k
 
 from ._timing import markdown_table, report
 
@@ -43,12 +43,12 @@ def gramian(k: int, seed: int = 0) -> torch.Tensor:
 
 def path(agg, gram: torch.Tensor, small_k: int) -> Callable[[], torch.Tensor]:
     def call() -> torch.Tensor:
-        saved = _dual_cone.SMALL_K
-        _dual_cone.SMALL_K = small_k
+        saved = _small_k.SMALL_K
+        _small_k.SMALL_K = small_k
         try:
             return agg.weights_from_gramian(gram)
         finally:
-            _dual_cone.SMALL_K = saved
+            _small_k.SMALL_K = saved
 
     return call
 
@@ -96,7 +96,7 @@ def main() -> None:
     notes = (
         f"One thread, `time.thread_time`, {rounds} interleaved rounds of {calls} calls; the "
         "ratio is the median of the per-round ratios. `SMALL_K` (the largest K on the new "
-        f"path by default) is {_dual_cone.SMALL_K}."
+        f"path by default) is {_small_k.SMALL_K}."
     )
     report(
         "small_k_weights",

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_dual_cone import assert_kkt
 
-from mtl_optim.aggregators import IMTLG, MGDA, DualProj, UPGrad, _dual_cone
+from mtl_optim.aggregators import IMTLG, MGDA, DualProj, UPGrad, _dual_cone, _small_k
 from mtl_optim.aggregators import _imtlg as imtlg_module
 from mtl_optim.aggregators import _mgda as mgda_module
-from mtl_optim.aggregators._dual_cone import small_cpu_entries
+from mtl_optim.aggregators._small_k import small_cpu_entries
 
 SETTINGS = settings(max_examples=examples(60))
 EPS = torch.finfo(F64).eps
@@ -28,17 +28,17 @@ EPS = torch.finfo(F64).eps
 @contextlib.contextmanager
 def small_k(value: int):
     """Run with ``SMALL_K = value`` (0: every call takes the tensor path)."""
-    saved = _dual_cone.SMALL_K
-    _dual_cone.SMALL_K = value
+    saved = _small_k.SMALL_K
+    _small_k.SMALL_K = value
     try:
         yield
     finally:
-        _dual_cone.SMALL_K = saved
+        _small_k.SMALL_K = saved
 
 
 def both_paths(agg, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(plain floats, tensor path)`` weights of ``agg`` for ``gram``."""
-    assert gram.shape[0] <= _dual_cone.SMALL_K
+    assert gram.shape[0] <= _small_k.SMALL_K
     new = agg.weights_from_gramian(gram)
     with small_k(0):
         old = agg.weights_from_gramian(gram)
@@ -260,14 +260,14 @@ def test_small_cpu_gramians_take_the_plain_float_path(monkeypatch):
     monkeypatch.setattr(mgda_module, "_min_norm_weights", refuse)
     monkeypatch.setattr(imtlg_module, "imtlg_weights", refuse)
     rng = np.random.default_rng(0)
-    for k in range(1, _dual_cone.SMALL_K + 1):
+    for k in range(1, _small_k.SMALL_K + 1):
         j = torch.from_numpy(rng.standard_normal((k, 12)))
         for dtype in (torch.float64, torch.float32):
             gram = (j @ j.T).to(dtype)
             for agg in (UPGrad(), DualProj(), MGDA(), IMTLG()):
                 w = agg.weights_from_gramian(gram)
                 assert w.dtype == F64 and w.shape == (k,) and w.device.type == "cpu"
-    big = torch.eye(_dual_cone.SMALL_K + 1, dtype=F64)
+    big = torch.eye(_small_k.SMALL_K + 1, dtype=F64)
     for agg in (UPGrad(), DualProj(), MGDA(), IMTLG()):
         with pytest.raises(AssertionError, match="tensor path ran"):
             agg.weights_from_gramian(big)
@@ -288,7 +288,7 @@ def test_only_plain_cpu_tensors_without_grad_are_read_into_floats():
     assert small_cpu_entries(gram.clone().requires_grad_(True)) is None
     assert small_cpu_entries(gram.to_sparse()) is None
     assert small_cpu_entries(gram.half()) is None
-    assert small_cpu_entries(torch.eye(_dual_cone.SMALL_K + 1, dtype=F64)) is None
+    assert small_cpu_entries(torch.eye(_small_k.SMALL_K + 1, dtype=F64)) is None
     assert small_cpu_entries(torch.zeros(0, 0, dtype=F64)) is None
 
 

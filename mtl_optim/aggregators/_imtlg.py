@@ -10,7 +10,7 @@ from torch import Tensor
 from .._linalg import TINY
 from .._validation import positive
 from ._base import GramianWeightedAggregator
-from ._dual_cone import SmallKFallback, small_cpu_entries, solve_small
+from ._small_k import SmallKFallback, small_cpu_entries, solve_small
 
 #: A bordered system with a larger condition number sends a small CPU Gramian to the
 #: pseudo-inverse: elimination and the SVD agree to rounding times the conditioning, and the
@@ -67,7 +67,7 @@ class IMTLG(GramianWeightedAggregator):
     **Small K on the CPU.** For ``K ≤ 8`` a CPU Gramian is read into Python floats and the same
     algorithm runs in plain float arithmetic (equal to rounding; several times faster than
     tensor operations on such small matrices); see
-    :func:`~mtl_optim.aggregators._dual_cone.small_cpu_entries`.
+    :func:`~mtl_optim.aggregators._small_k.small_cpu_entries`.
 
     Args:
         rcond: relative singular-value cut-off of the pseudo-inverse.

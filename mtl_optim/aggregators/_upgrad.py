@@ -44,7 +44,7 @@ class UPGrad(DualConeAggregator):
     **Small K on the CPU.** For ``K ≤ 8`` a CPU Gramian is read into Python floats and the same
     algorithm runs in plain float arithmetic (equal to rounding; several times faster than
     tensor operations on such small matrices); see
-    :func:`~mtl_optim.aggregators._dual_cone.small_cpu_entries`.
+    :func:`~mtl_optim.aggregators._small_k.small_cpu_entries`.
 
     **Partial labels.** With only m of the K tasks present the rows are theirs: the default
     preference is :math:`1/m` each and a given K-entry ``pref_vector`` is read at the present
