@@ -500,3 +500,75 @@ def test_random_task_grouping_refuses_missing_tasks_with_the_reason():
     with pytest.raises(ValueError, match="RandomTaskGrouping does not support missing tasks"):
         opt.backward([losses[0], None, losses[2]])
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- combinations: AdaTask with an aggregator, a weighting on the Gramian route, GradNorm -----
+def _two_task_reference(make):
+    """The model's trunk and heads 0 and 2 under an optimizer built by ``make`` for 2 tasks."""
+    small = make_model(K)
+    keep = [*small.trunk.parameters(), *small.heads[0].parameters(), *small.heads[2].parameters()]
+    return small, make(keep, list(small.trunk.parameters()))
+
+
+def test_adatask_with_an_aggregator_and_a_missing_task_equals_the_present_tasks_alone():
+    def make(params, shared):
+        return mtl_optim.AdaTask(params, lr=1e-2, aggregator=aggregators.UPGrad(), shared=shared)
+
+    model = make_model(K)
+    opt = make(model.parameters(), list(model.trunk.parameters()))
+    small, ref = _two_task_reference(make)
+    x, ys = _data()
+    losses, ref_losses = model.losses(x, ys), small.losses(x, ys)
+    opt.backward([losses[0], None, losses[2]])
+    opt.step()
+    ref.backward([ref_losses[0], ref_losses[2]])
+    ref.step()
+    for p, q in zip(model.trunk.parameters(), small.trunk.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    state = opt.task_state(model.trunk[0].weight)
+    assert state["step"].tolist() == [1.0, 0.0, 1.0]
+    assert not state["exp_avg"][1].any()
+
+
+def test_a_weighting_on_the_gramian_route_uses_the_present_tasks():
+    def make(params, shared, k=2):
+        return mtl_optim.MTLOptimizer(
+            params,
+            base=torch.optim.SGD,
+            lr=0.05,
+            aggregator=aggregators.MGDA(),
+            weighting=weighting.Uncertainty(k, dtype=F64),
+            shared=shared,
+            route="gramian",
+        )
+
+    model = make_model(K)
+    opt = make(model.parameters(), list(model.trunk.parameters()), K)
+    small, ref = _two_task_reference(make)
+    x, ys = _data()
+    losses, ref_losses = model.losses(x, ys), small.losses(x, ys)
+    opt.backward([losses[0], None, losses[2]])
+    ref.backward([ref_losses[0], ref_losses[2]])
+    for p, q in zip(model.trunk.parameters(), small.trunk.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13)
+    assert opt.last_weights[1] == 0
+    assert opt.weighting.parameters()[1].grad is None
+
+
+def test_gradnorm_with_a_missing_task_keeps_its_weight_and_trains_the_others():
+    model = make_model(K)
+    gn = weighting.GradNorm(K, dtype=F64)
+    opt = _opt(model, base=torch.optim.Adam, lr=1e-2, weighting=gn, aggregator=aggregators.Mean())
+    x, ys = _data(0)
+    opt.backward(model.losses(x, ys))
+    opt.step()
+    before = gn.loss_weights.detach().clone()
+    opt.zero_grad()
+    x, ys = _data(1)
+    losses = model.losses(x, ys)
+    opt.backward([losses[0], None, losses[2]])
+    opt.step()
+    after = gn.loss_weights.detach()
+    assert after[1] == before[1]
+    torch.testing.assert_close(after[[0, 2]].sum(), torch.tensor(2.0, dtype=F64))
+    assert model.heads[1].weight.grad is None
