@@ -27,6 +27,10 @@ class GradientInfo:
         weights: the task weights the update applies (``opt.last_weights``), or ``None``.
         shared: the shared parameters, in ``J``'s column order.
         slices: the column range of ``J`` that each param group's shared parameters own.
+        present: partial labels: the ``(K,)`` bool mask of the tasks that had a loss in this
+            call (``None`` when every task had one). A missing task's entry of ``losses`` is 0
+            and, unless an earlier micro-batch of the window had it, its row of ``jacobian``
+            is zero.
     """
 
     losses: Tensor
@@ -35,6 +39,7 @@ class GradientInfo:
     shared: tuple[Tensor, ...]
     slices: tuple[GroupSlice, ...]
     _gramian: Tensor | None = field(default=None, repr=False)
+    present: Tensor | None = None
 
     @property
     def gramian(self) -> Tensor | None:
@@ -66,6 +71,7 @@ def call_hooks(opt: Host, values: Tensor, features: bool) -> None:
         shared=tuple(opt._engine.shared or ()),
         slices=tuple(opt._engine.slices),
         _gramian=opt._pipeline.gram,
+        present=opt._pipeline.batch_present,
     )
     for hook, _ in list(opt._gradient_hooks.values()):
         hook(opt, info)

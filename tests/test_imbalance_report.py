@@ -242,3 +242,33 @@ def test_dominance_ignores_a_step_skipped_after_a_finite_micro_batch():
         opt.backward([loss * float("nan") for loss in model.losses(x, ys)])
     opt.step()  # a no-op: Adam's step count stays, so nothing is attributed
     torch.testing.assert_close(dom.au, before, rtol=0, atol=0)
+
+
+def test_partial_labels_record_nan_for_a_missing_task_and_ratios_from_its_first_loss(tmp_path):
+    k = 3
+    model = make_model(k)
+    opt = mtl_optim.MTLOptimizer(
+        model.parameters(), aggregator=aggregators.MGDA(), shared=list(model.trunk.parameters())
+    )
+    report = ImbalanceReport(opt)
+    seen = []
+    for step, (x, ys) in enumerate(batches(k, 4, seed=1)):
+        opt.zero_grad()
+        losses = model.losses(x, ys)
+        seen.append([float(v.detach()) for v in losses])
+        if step % 2 == 0:
+            losses[1] = None
+        opt.backward(losses)
+        opt.step()
+    recorded = report.losses
+    assert recorded[0, 1].isnan() and recorded[2, 1].isnan()
+    assert recorded[1, 1].item() == pytest.approx(seen[1][1], rel=1e-12)
+    ratios = report.loss_ratios
+    assert ratios[3, 1].item() == pytest.approx(seen[3][1] / seen[1][1], rel=1e-12)
+    assert ratios[3, 0].item() == pytest.approx(seen[3][0] / seen[0][0], rel=1e-12)
+    # the missing task's row of the Gramian is no measurement: NaN, and the others stay finite
+    assert report.gramians[0, 1].isnan().all() and report.gramians[0, 0, [0, 2]].isfinite().all()
+    summary = report.summary()
+    assert math.isfinite(summary["last_loss_ratio"][1])
+    assert all(math.isfinite(v) for v in summary["median_norm_ratio"])
+    report.save(tmp_path / "page.png")

@@ -151,7 +151,7 @@ class ImbalanceReport(ReportRecords):
 
         lines(ax_loss, lambda r: r.loss_ratios, log=True)
         ax_loss.set_title("loss ratio Lᵢ(t) / Lᵢ(0)")
-        lines(ax_norms, lambda r: r.grad_norms / r.grad_norms.mean(1, keepdim=True), log=True)
+        lines(ax_norms, lambda r: r.grad_norms / r.grad_norms.nanmean(1, keepdim=True), log=True)
         ax_norms.axhline(1.0, color="0.6", lw=0.8)
         ax_norms.set_title("gradient norm ratio ‖gᵢ‖ / meanⱼ ‖gⱼ‖")
         weights = self.weights

@@ -98,6 +98,11 @@ class ReportRecords:
         weights = nan if info.weights is None else info.weights.detach().reshape(-1)
         gram = info.gramian
         gram = nan.new_full((k, k), math.nan) if gram is None else gram.detach()
+        if info.present is not None:  # partial labels: no loss, and no gradient, is no record
+            missing = ~info.present.to(losses.device)
+            losses = losses.masked_fill(missing, math.nan)
+            empty = missing & (gram.diagonal().to(losses.device) == 0)
+            gram = gram.to(losses).masked_fill(empty[:, None] | empty[None, :], math.nan)
         row = torch.cat([losses, weights.to(losses), gram.reshape(-1).to(losses)])
         if self._rows is None or self._n == self._rows.shape[0]:
             grown = row.new_empty(max(64, 2 * self._n), row.numel())
@@ -169,9 +174,14 @@ class ReportRecords:
 
     @property
     def loss_ratios(self) -> Tensor:
-        r"""``(T, K)``: :math:`L_i(t) / L_i(t_0)`."""
+        r"""``(T, K)``: :math:`L_i(t) / L_i(t_0)`, :math:`t_0` the first recorded step with task
+        :math:`i`'s loss (partial labels: NaN where the task had none)."""
         losses = self.losses
-        return losses / losses[:1] if len(losses) else losses
+        if not len(losses):
+            return losses
+        seen = ~torch.isnan(losses)
+        first = seen.to(torch.int64).argmax(0)  # the first step with a loss (0 if none)
+        return losses / losses.gather(0, first[None, :])
 
     @property
     def weights(self) -> Tensor:
@@ -224,13 +234,13 @@ class ReportRecords:
         if self._n == 0:
             raise RuntimeError("nothing recorded yet: the report fills at every opt.step()")
         norms = self.grad_norms
-        relative = norms / norms.mean(1, keepdim=True)
+        relative = norms / norms.nanmean(1, keepdim=True)  # NaN: a task without a label
         dom = self.dominance()
         conflict = self.conflict
         return {
             "steps": self._n,
             "tasks": self._task_names(),
-            "last_loss_ratio": self.loss_ratios[-1].tolist(),
+            "last_loss_ratio": _last_known(self.loss_ratios).tolist(),
             "median_norm_ratio": relative.nanmedian(0).values.tolist(),
             "mean_conflict": float(conflict.nanmean()) if len(conflict) else math.nan,
             "dominated": None if dom is None else dom["dominated"].tolist(),
@@ -238,3 +248,12 @@ class ReportRecords:
 
     def _task_names(self) -> list[str]:
         return self.task_names or [f"task {i}" for i in range(self._k or 0)]
+
+
+def _last_known(values: Tensor) -> Tensor:
+    """Each column's last non-NaN entry of a ``(T, K)`` tensor (NaN where there is none)."""
+    known = ~torch.isnan(values)
+    steps = torch.arange(values.shape[0], device=values.device)[:, None]
+    last = torch.where(known, steps, -1).amax(0)
+    picked = values.gather(0, last.clamp_min(0)[None, :])[0]
+    return torch.where(last >= 0, picked, math.nan)
