@@ -196,8 +196,12 @@ def run_mtpsl(data: MTLData, seed: int, epochs: int, mode: str) -> tuple[list[fl
     groups = [{"params": list(model.parameters())}]
     if mode == "partial + MTPSL":
         groups += reg.param_groups()
-    # the equal-weight sum of the present tasks' losses: what MTLOptimizer without a method does
-    opt = torch.optim.Adam(groups, lr=LR)
+    # partial labels through the optimizer: None for the unlabelled tasks (no method: the
+    # equal-weight sum of the present tasks' losses; the trunk named, as the first batch
+    # already misses tasks)
+    opt = mtl_optim.MTLOptimizer(
+        groups, base=torch.optim.Adam, lr=LR, shared=list(model.trunk.parameters())
+    )
     label_draws = torch.Generator().manual_seed(10_000 + seed)
 
     def step(m: Net, x: Tensor, ys: list[Tensor], _: int) -> None:
@@ -207,12 +211,12 @@ def run_mtpsl(data: MTLData, seed: int, epochs: int, mode: str) -> tuple[list[fl
         else:
             labelled = [False] * 3
             labelled[int(torch.randint(3, (), generator=label_draws))] = True
-        loss = sum(F.cross_entropy(p, y) for p, y, lab in zip(preds, ys, labelled) if lab)
-        if mode == "partial + MTPSL":
-            labels = [y if lab else None for y, lab in zip(ys, labelled)]
-            loss = loss + MTPSL_LAMBDA * reg(preds, labels, labelled, z)
+        losses = [F.cross_entropy(p, y) if lab else None for p, y, lab in zip(preds, ys, labelled)]
         opt.zero_grad()
-        loss.backward()
+        if mode == "partial + MTPSL":  # its gradients are kept and added to by opt.backward
+            labels = [y if lab else None for y, lab in zip(ys, labelled)]
+            (MTPSL_LAMBDA * reg(preds, labels, losses, z)).backward(retain_graph=True)
+        opt.backward(losses)
         opt.step()
 
     return train(data, tasks, seed, epochs, step, model)
