@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 
 class Method:
@@ -68,3 +69,36 @@ class Seeded(Method):
             raise ValueError(f"{self!r}: the state has no 'generator' entry")
         self.generator.set_state(state.pop("generator").clone())
         super().load_state_dict(state)
+
+
+def present_tasks(method: Any, rows: int) -> tuple[Tensor | None, int]:
+    """``(present, K)`` for a call of ``method`` (aggregator or weighting) on ``rows`` rows or
+    losses: ``(None, rows)`` when every task is present (partial labels: see
+    docs/adding-a-method.md, "Partial labels").
+
+    Raises:
+        ValueError: ``present`` is set but is not an increasing 1-D integer tensor of ``rows``
+            indices in ``[0, all_tasks)``.
+    """
+    present = method.present
+    if present is None:
+        return None, rows
+    k = method.all_tasks
+    if (
+        not isinstance(present, Tensor)
+        or present.dim() != 1
+        or present.dtype not in (torch.int64, torch.int32)
+        or present.numel() != rows
+        or not isinstance(k, int)
+        or rows > k
+    ):
+        raise ValueError(
+            f"{method!r}: present must be the increasing (m,) int64 indices of the rows' tasks "
+            f"among all_tasks = K; got present={present!r}, all_tasks={k!r} for {rows} rows"
+        )
+    cpu = present.cpu()
+    if rows and (int(cpu[0]) < 0 or int(cpu[-1]) >= k or bool((cpu[1:] <= cpu[:-1]).any())):
+        raise ValueError(
+            f"{method!r}: present must be increasing indices in [0, {k}), got {cpu.tolist()}"
+        )
+    return cpu.to(torch.int64), k

@@ -16,36 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._method import present_tasks
 
-def present_tasks(agg: Any, rows: int) -> tuple[Tensor | None, int]:
-    """``(present, K)`` for a call on ``rows`` rows: ``(None, rows)`` when every task is present.
-
-    Raises:
-        ValueError: ``present`` is set but is not an increasing 1-D integer tensor of ``rows``
-            indices in ``[0, all_tasks)``.
-    """
-    present = agg.present
-    if present is None:
-        return None, rows
-    k = agg.all_tasks
-    if (
-        not isinstance(present, Tensor)
-        or present.dim() != 1
-        or present.dtype not in (torch.int64, torch.int32)
-        or present.numel() != rows
-        or not isinstance(k, int)
-        or rows > k
-    ):
-        raise ValueError(
-            f"{agg!r}: present must be the increasing (m,) int64 indices of the rows' tasks "
-            f"among all_tasks = K; got present={present!r}, all_tasks={k!r} for {rows} rows"
-        )
-    cpu = present.cpu()
-    if rows and (int(cpu[0]) < 0 or int(cpu[-1]) >= k or bool((cpu[1:] <= cpu[:-1]).any())):
-        raise ValueError(
-            f"{agg!r}: present must be increasing indices in [0, {k}), got {cpu.tolist()}"
-        )
-    return cpu.to(torch.int64), k
+__all__ = ["mass_restrict", "on", "present_tasks", "random_keys", "restrict_pairs", "scatter"]
 
 
 def on(index: Tensor, device: torch.device) -> Tensor:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from .._method import present_tasks
 from ._base import Weighting
 
 
@@ -20,13 +20,4 @@ def num_tasks(weighting: Weighting, n: int) -> int:
 def present_index(weighting: Weighting, n: int) -> Tensor | None:
     """The ``(m,)`` CPU int64 indices of the present tasks, checked against the ``n`` losses;
     ``None`` when every task is present."""
-    present = weighting.present
-    if present is None:
-        return None
-    index = torch.as_tensor(present, dtype=torch.int64).cpu()
-    k = num_tasks(weighting, n)
-    if index.dim() != 1 or index.numel() != n:
-        raise ValueError(f"{weighting!r}: {n} losses for present tasks {index.tolist()}")
-    if n and (int(index.min()) < 0 or int(index.max()) >= k or bool((index.diff() <= 0).any())):
-        raise ValueError(f"{weighting!r}: present must be increasing indices in [0, {k})")
-    return index
+    return present_tasks(weighting, n)[0]
