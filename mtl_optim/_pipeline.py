@@ -23,7 +23,7 @@ no stage calls ``torch.distributed`` itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -255,22 +255,31 @@ class Pipeline(Presence):
             self.mean_grads(inputs)
         return [p.grad for p in inputs if p.grad is not None]
 
+    def task_passes(
+        self, mix: Tensor | None, heads_loss: Tensor, run: Callable[[list[Tensor]], Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The engine's K per-task passes, ``run(heads)``, and the task-specific parameters'
+        gradients: without a weighting the passes give them on the way (``heads`` given, one
+        reverse pass saved; see ``TaskGradients.folds_heads``), else one pass of ``heads_loss``
+        of their own. Returns what ``run`` returns and those gradients (for the finite check)."""
+        opt, engine = self._opt, self._opt._engine
+        specific = engine.task_specific
+        if mix is None and engine.folds_heads() and not _replaced(opt, "task_objectives"):
+            out = run(specific)
+            self.mean_grads(specific)
+            return out, [p.grad for p in specific if p.grad is not None]
+        heads = self.heads(heads_loss, specific)
+        return run([]), heads
+
     def jacobian_route(self, losses: list[Tensor], mix: Tensor | None, heads_loss: Tensor) -> None:
         opt, engine = self._opt, self._opt._engine
-        # without a weighting the heads' gradient of the sum comes from the K passes themselves
-        fold = mix is None and engine.folds_heads() and not _replaced(opt, "task_objectives")
-        specific = engine.task_specific
-        heads = [] if fold else self.heads(heads_loss, specific)
         if self.external is None:  # first backward of this window
             self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
         separable = opt.weighting is not None and opt.weighting.separable
         row_mix = mix.diagonal() if mix is not None and separable else mix
-        if fold:
-            jacobian = engine.compute(losses, mix=row_mix, heads=specific)
-            self.mean_grads(specific)
-            heads = [p.grad for p in specific if p.grad is not None]
-        else:
-            jacobian = engine.compute(losses, mix=row_mix)
+        jacobian, heads = self.task_passes(
+            mix, heads_loss, lambda specific: engine.compute(losses, mix=row_mix, heads=specific)
+        )
         if not opt.guard.check([*heads, jacobian], "gradient"):
             return
         self.rows_present = self.window_present  # J sums the window's batches
@@ -283,16 +292,12 @@ class Pipeline(Presence):
         """The Gramian from the K reverse passes (no ``J``), the weights, and their combination
         of the tasks' gradients from what the passes kept (no second reverse pass)."""
         opt, engine = self._opt, self._opt._engine
-        fold = mix is None and engine.folds_heads() and not _replaced(opt, "task_objectives")
-        specific = engine.task_specific
-        heads = [] if fold else self.heads(heads_loss, specific)
         auto = opt.route == "auto"
         if auto:  # another backward of this window would continue in J (see run)
             self.external = [None if p.grad is None else p.grad.clone() for p in engine.shared]
-        gram = engine.gramian(losses, heads=specific) if fold else engine.gramian(losses)
-        if fold:
-            self.mean_grads(specific)
-            heads = [p.grad for p in specific if p.grad is not None]
+        gram, heads = self.task_passes(
+            mix, heads_loss, lambda specific: engine.gramian(losses, heads=specific)
+        )
         kept, engine.gramian_pass = engine.gramian_pass, None
         if not opt.guard.check([*heads, gram], "gradient"):
             return

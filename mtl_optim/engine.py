@@ -94,6 +94,8 @@ class TaskGradients:
         self._fresh = True  # the next compute() overwrites instead of accumulating
         #: ranks to average over (set by the optimizer; ``None`` or inactive: one process)
         self.replicas: Replicas | None = None
+        # the graph walk alone found the shared set (see folds_heads)
+        self.heads_exclusive = False
 
     # --- set-up -------------------------------------------------------------------------
     @property
@@ -130,7 +132,6 @@ class TaskGradients:
         joined: bool = False,
     ) -> set[int]:
         """``id`` of the shared parameters for ``losses`` (see :meth:`setup`)."""
-        # the graph walk alone decided: every other parameter is reached by at most one loss
         self.heads_exclusive = False
         every = {id(p) for g in param_groups for p in g["params"]}
         params = [p for g in param_groups for p in g["params"] if p.requires_grad]
@@ -282,7 +283,7 @@ class TaskGradients:
         pass saved)? Only where the graph walk alone found the shared set (each task-specific
         parameter is then reached by at most one loss, so no sum's order can differ) and the
         passes are the loop's."""
-        return self.strategy == "loop" and getattr(self, "heads_exclusive", False)
+        return self.strategy == "loop" and self.heads_exclusive
 
     def _batched(self, losses: Sequence[Tensor], out: Tensor, retain_graph: bool) -> None:
         stacked = torch.stack(list(losses))
