@@ -15,7 +15,6 @@ from torch import Tensor
 from ._distributed import Replicas
 from ._host import Host
 from ._linalg import gramian
-from ._missing import restricted, scatter
 from .aggregators import GramianWeightedAggregator
 from .engine import reachable_params
 
@@ -93,13 +92,6 @@ def combine_across_ranks(pipe: Any, grads_z: Tensor, replicas: Replicas) -> Tens
     gram = gram / replicas.size**2
     if not opt.guard.check([gram], "gradient"):
         return None
-    with restricted(opt.aggregator, pipe.batch_present) as index:
-        if index is None:
-            w = opt.aggregator.weights_from_gramian(gram)
-        else:
-            at = index.to(gram.device)
-            w = scatter(
-                opt.aggregator.weights_from_gramian(gram[at[:, None], at]), index, gram.shape[0]
-            )
+    w = pipe.gramian_weights(opt.aggregator, gram)
     opt.guard.fold_weights(w)
     return w.to(grads_z.dtype) @ grads_z

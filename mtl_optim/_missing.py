@@ -247,6 +247,15 @@ class Presence:
             self.window_values = values
         self.ran = True
 
+    def gramian_weights(self, agg: Any, gram: Tensor) -> Tensor:
+        """``agg``'s weights from this batch's ``K×K`` Gramian; with a task missing, from the
+        principal submatrix of the present tasks, 0 for the others."""
+        with restricted(agg, self.batch_present) as index:
+            if index is None:
+                return agg.weights_from_gramian(gram)
+            at = index.to(gram.device)
+            return scatter(agg.weights_from_gramian(gram[at[:, None], at]), index, gram.shape[0])
+
     def present_rows(self, fn: object, agg: object, jacobian: Tensor, rows: bool) -> Tensor:
         """``fn(agg, J)``, or with a task missing ``fn`` on the present rows only (the
         aggregator told which ones), its per-row result scattered back to K rows."""

@@ -307,14 +307,7 @@ class Pipeline(Presence):
             mix64 = mix.to(gram)
             gram = mix64 @ gram @ mix64.T
         self.gram = gram
-        with restricted(opt.aggregator, self.batch_present) as index:
-            if index is None:
-                w = opt.aggregator.weights_from_gramian(gram)
-            else:  # the principal submatrix of the present tasks
-                at = index.to(gram.device)
-                w = scatter(
-                    opt.aggregator.weights_from_gramian(gram[at[:, None], at]), index, gram.shape[0]
-                )
+        w = self.gramian_weights(opt.aggregator, gram)
         opt.guard.fold_weights(w)
         coeff = w if mix is None else w.to(mix.dtype) @ mix
         shared = engine.shared
